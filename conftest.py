@@ -2,12 +2,11 @@
 
 import os
 
-# Quiet progress bars, no hub access, a non-interactive plotting backend, stable hashing in kernels.
+# Quiet progress bars, no hub access, stable hashing in kernels.
 for key, value in {
     "TQDM_DISABLE": "1",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
-    "MPLBACKEND": "Agg",
     "PYTHONHASHSEED": "0",
 }.items():
     os.environ.setdefault(key, value)

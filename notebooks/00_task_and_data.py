@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 00 · The task and the data
 #
@@ -274,8 +282,11 @@ for baseline, per_split in baselines.items():
 # NBVAL_CHECK_OUTPUT
 from vgstudy.data.refer import DATASETS
 
+print(f"{'name':9s} {'data set':26s} {'tuple':>5s}  {'boxes':5s}  splits")
 for name, layout in DATASETS.items():
-    print(f"{name:9s} {layout}")
+    print(
+        f"{name:9s} {layout.description:26s} {layout.tuple_length:>5d}  {layout.box_format:5s}  {', '.join(layout.splits)}"
+    )
 
 # %% [markdown]
 # With real data (`dataset="unc"`, `data_root=...`, `image_root=...`), the next cell shows samples and the centre-box
