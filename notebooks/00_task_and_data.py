@@ -31,6 +31,7 @@ profile = "tiny"  # tiny | study | paper
 seed = 0
 device = "cpu"
 out_dir = "../runs"  # relative to notebooks/
+run_id = None  # default: a timestamp
 dataset = "synthref"  # or unc, unc+, gref, gref_umd, referit, flickr with data_root and image_root
 data_root = None
 image_root = None
@@ -53,7 +54,7 @@ from vgstudy.notebook import run_dir
 
 params = vgstudy.config.load(locals(), DataParams)
 vgstudy.seed_everything(params.seed)
-out = run_dir(params.out_dir, "00_task_and_data")
+out = run_dir(params.out_dir, "00_task_and_data", params.run_id)
 print(params)
 
 # %% [markdown]
