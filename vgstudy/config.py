@@ -58,7 +58,10 @@ class RunParams:
     seed: int = param(0, "seed of every random draw (data, initialisation, order)", low=0)
     device: str = param("cpu", "cpu, cuda, cuda:N, or auto (cuda when available)")
     out_dir: Path = param(Path("../runs"), "where results, checkpoints and the model cache go (relative to notebooks/)")
-    run_id: str | None = param(None, "folder of this run under out_dir/<notebook>/ (default: a UTC timestamp)")
+    run_id: str | None = param(
+        None,
+        "run folder under out_dir/<notebook>/ (default: a UTC timestamp; the runner: a hash of the parameters)",
+    )
 
     def problems(self) -> list[str]:
         """Checks across parameters (one parameter's own checks are in its field); messages, empty when fine."""
