@@ -249,6 +249,29 @@ def test_resnet_detr_padding_mask_reaches_the_tokens_and_is_not_attended():
     torch.testing.assert_close(out.tokens[1, real], alone[0], atol=1e-5, rtol=1e-5)
 
 
+def test_resnet_detr_return_layer3_gives_a_stride_16_grid_without_layer4():
+    encoder = _build("resnet18+detr:tiny", return_layer="layer3")
+    assert encoder.stride == 16 and encoder.num_tokens == 64 and "layer4" not in dict(encoder.body.named_children())
+    assert encoder.input_proj.in_channels == 256  # ResNet-18's layer3 width
+    # ResNet-18 without layer4 (8,393,728 of its parameters) and with a 256-channel projection
+    assert describe(encoder)["total"] == 11_836_992 - 8_393_728 - 256 * 128
+    pixel_mask = torch.zeros(2, 128, 128, dtype=torch.bool)
+    pixel_mask[0, 96:] = True  # the bottom quarter: the last 2 of 8 grid rows
+    with torch.no_grad():
+        out = encoder(_images(128), pixel_mask)
+    assert out.tokens.shape == (2, 64, 128) and out.grid_hw == (8, 8)
+    assert out.mask[0].view(8, 8)[6:].all() and not out.mask[0].view(8, 8)[:6].any() and not out.mask[1].any()
+    r50 = build_backbone("resnet50+detr", return_layer="layer3", image_size=128)
+    assert r50.input_proj.in_channels == 1024 and r50.num_tokens == 64
+    assert [name for name, p in r50.named_parameters() if not p.requires_grad][-1].startswith("body.layer1.")
+    with pytest.raises(ConfigError, match="return_layer='layer2'"):
+        build_backbone("resnet18+detr:tiny", return_layer="layer2")
+    with pytest.raises(ConfigError, match="which return_layer='layer3' leaves out"):
+        build_backbone("resnet50+detr", return_layer="layer3", dilation=True)
+    with pytest.raises(ConfigError, match="frozen_stages=4: expected -1 ... 3"):
+        build_backbone("resnet18+detr:tiny", return_layer="layer3", frozen_stages=4)
+
+
 def test_sine_position_embedding_is_detrs_normalised_sine():
     h, w, dim = 3, 5, 16
     positions = sine_position_embedding(torch.ones(1, h, w, dtype=torch.bool), dim).view(h, w, dim)

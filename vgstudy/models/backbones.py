@@ -29,7 +29,8 @@ Small configs (JSON files in vgstudy/models/configs/) keep the architecture of t
   dinov2:tiny-reg4 adds 4 register tokens, as vit_base_patch14_reg4_dinov2 does.
 - resnet18+detr:tiny: ResNet-18 (its basic blocks cannot dilate, so stride 32: 4 x 4 tokens at 128 px) + a 3-layer
   DETR encoder, width 128, 4 heads, FFN 512; plain BatchNorm and nothing frozen, because it is trained from scratch
-  (notebook 01) where the full-size configs start from DETR's weights.
+  (notebook 01) where the full-size configs start from DETR's weights. The override `return_layer="layer3"` ends the
+  ResNet at layer3 instead: stride 16, 8 x 8 tokens at 128 px.
 """
 
 from __future__ import annotations
@@ -384,6 +385,7 @@ class CLIPBackbone(nn.Module):
 
 _RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _BOTTLENECK_RESNETS = ("resnet50", "resnet101", "resnet152")
+_RETURN_LAYERS = ("layer3", "layer4")
 
 
 @dataclass(frozen=True)
@@ -396,6 +398,9 @@ class ResNetDETRConfig:
     dilation:         layer4 dilated instead of strided (DETR's DC5, TransVG's --dilation); bottleneck ResNets only.
     frozen_batchnorm: DETR's FrozenBatchNorm2d (statistics and affine as buffers) instead of BatchNorm2d.
     frozen_stages:    -1 nothing frozen; 0 the stem; k the stem and layer1..layerk (DETR and TransVG: 1).
+    return_layer:     the last ResNet stage run, whose map the encoder reads: "layer4" (DETR, TransVG: stride 32) or
+                      "layer3" (stride 16, half the channels, no layer4 at all): a finer grid for small inputs, e.g.
+                      8 x 8 tokens at 128 px, which basic-block ResNets cannot get by dilation.
     """
 
     resnet: str
@@ -408,6 +413,7 @@ class ResNetDETRConfig:
     dilation: bool
     frozen_batchnorm: bool
     frozen_stages: int
+    return_layer: str = "layer4"
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -419,6 +425,10 @@ class ResNetDETRConfig:
             raise ConfigError(f"ResNetDETRConfig.resnet={self.resnet!r}: expected one of {_RESNETS}")
         if self.dilation and self.resnet not in _BOTTLENECK_RESNETS:
             raise ConfigError(f"ResNetDETRConfig.dilation=True needs a bottleneck ResNet {_BOTTLENECK_RESNETS}")
+        if self.return_layer not in _RETURN_LAYERS:
+            raise ConfigError(f"ResNetDETRConfig.return_layer={self.return_layer!r}: expected one of {_RETURN_LAYERS}")
+        if self.return_layer == "layer3" and self.dilation:
+            raise ConfigError("ResNetDETRConfig.dilation=True dilates layer4, which return_layer='layer3' leaves out")
         for name in ("image_size", "width", "depth", "heads", "ffn_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ResNetDETRConfig.{name}={getattr(self, name)}: expected >= 1")
@@ -430,12 +440,16 @@ class ResNetDETRConfig:
             raise ConfigError(f"ResNetDETRConfig.image_size={self.image_size}: expected a multiple of {self.stride}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"ResNetDETRConfig.dropout={self.dropout}: expected 0 <= dropout < 1")
-        if not -1 <= self.frozen_stages <= 4:
-            raise ConfigError(f"ResNetDETRConfig.frozen_stages={self.frozen_stages}: expected -1 ... 4")
+        last_stage = _RETURN_LAYERS.index(self.return_layer) + 3
+        if not -1 <= self.frozen_stages <= last_stage:
+            raise ConfigError(
+                f"ResNetDETRConfig.frozen_stages={self.frozen_stages}: expected -1 ... {last_stage} "
+                f"(return_layer={self.return_layer!r})"
+            )
 
     @property
     def stride(self) -> int:
-        return 16 if self.dilation else 32
+        return 16 if self.dilation or self.return_layer == "layer3" else 32
 
 
 def sine_position_embedding(not_padding: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -476,11 +490,13 @@ class ResNetDETREncoder(nn.Module):
         resnet = getattr(torchvision.models, config.resnet)(
             weights=None, norm_layer=norm_layer, replace_stride_with_dilation=[False, False, config.dilation]
         )
-        # the trunk up to layer4 (no pooling, no classifier), named as in DETR's `backbone.0.body`
-        self.body = nn.Sequential(
-            OrderedDict((name, module) for name, module in resnet.named_children() if name not in ("avgpool", "fc"))
-        )
-        self.input_proj = nn.Conv2d(resnet.fc.in_features, config.width, kernel_size=1)
+        # the trunk up to the return layer (no pooling, no classifier), named as in DETR's `backbone.0.body`
+        kept = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+        kept = kept[: kept.index(config.return_layer) + 1]
+        self.body = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in kept))
+        # torchvision ResNets double their channels at each stage, so layer3 has half of layer4's
+        channels = resnet.fc.in_features // (2 if config.return_layer == "layer3" else 1)
+        self.input_proj = nn.Conv2d(channels, config.width, kernel_size=1)
         self.blocks = nn.ModuleList(
             EncoderLayer(config.width, config.heads, config.ffn_dim, config.dropout, normalize_before=False)
             for _ in range(config.depth)
