@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/data.json"))
     args = parser.parse_args()
+    torch.manual_seed(0)
     torch.set_num_threads(1)  # one core per process, as a DataLoader worker has
 
     data = SynthRef("train", args.n, seed=0, image_size=args.image_size)
@@ -41,7 +42,7 @@ def main() -> None:
     rows["SynthRef symbolic scenes + expressions only"] = samples_per_second(
         lambda: [data.expression(i) for i in range(args.n)], args.n
     )
-    train_set = TransformedDataset(data, GroundingTransform(TransformConfig(image_size=args.image_size, train=True), 0))
+    train_set = TransformedDataset(data, GroundingTransform(TransformConfig(image_size=args.image_size, train=True)))
     for workers in (0, 2):
         loader = DataLoader(train_set, batch_size=args.batch_size, num_workers=workers, collate_fn=collate)
         rows[f"loader with augmentation, {workers} workers"] = samples_per_second(
