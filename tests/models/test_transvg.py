@@ -272,10 +272,10 @@ def test_bad_inputs_are_data_errors(tiny):
 
 def test_a_short_training_on_synthref_lowers_the_loss(tmp_path):
     torch.manual_seed(0)
-    model = build("transvg-tiny", dropout=0.0)
+    model = build("transvg-tiny", dropout=0.0, freeze_text=True)  # the text tower's backward is half the cost
     # 64 samples without augmentation, 4 steps per epoch: the loss of the last epoch against that of the first
     train_set = TransformedDataset(SynthRef("train", 64, seed=0), GroundingTransform(model.transform))
-    stage = Stage("train", epochs=3, lr=1e-3, lr_scale={"text.": 0.1}, schedule="constant")
+    stage = Stage("train", epochs=3, lr=1e-3, schedule="constant")
     config = TrainConfig(stages=(stage,), batch_size=16, eval_every_epochs=0, log_every_steps=4)
     Trainer(model, BoxCriterion(), train_set, config, tmp_path, collate_fn=collate).fit(resume=False)
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
