@@ -58,3 +58,19 @@ def test_wrong_token_count_is_a_clear_error():
 
     with pytest.raises(ValueError, match="built for 12 tokens, got 5"):
         _head()(torch.randn(1, 5, 32))
+
+
+def test_encode_gives_every_token_and_a_float_mask_is_added_not_masked():
+    head = _head().eval()
+    tokens = torch.randn(2, 12, 32)
+    padding = torch.zeros(2, 12, dtype=torch.bool)
+    padding[:, 8:] = True
+    out = head.encode(tokens, padding)
+    assert out.shape == (2, 13, 32)
+    boxes, reg = head(tokens, padding)
+    assert torch.allclose(reg, out[:, 0]) and torch.allclose(boxes, head.box_mlp(out[:, 0]).sigmoid())
+    changed = tokens.clone()
+    changed[:, 8:] += 5.0  # only padded tokens change
+    # A float mask is a bias on the logits: padded tokens still take part; an all-zero one is no mask at all.
+    assert not torch.allclose(head.encode(tokens, padding.float())[:, 0], head.encode(changed, padding.float())[:, 0])
+    assert torch.allclose(head.encode(tokens, torch.zeros(2, 12)), head.encode(tokens), atol=1e-6)

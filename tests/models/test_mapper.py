@@ -17,7 +17,6 @@ from vgstudy.models.mapper import (
     MaPPERConfig,
     ReleaseDeviations,
     ViTBlockWithParallelAdapter,
-    _head_with_additive_padding,
     build_mapper,
     map_positions,
     tiny_config,
@@ -403,8 +402,8 @@ def test_unmasked_fusion_padding_lets_padding_take_part(paper):
     changed[:, 10:20] += 5.0  # only padded tokens change
     with torch.no_grad():
         masked = [paper.head(t, padding)[0] for t in (tokens, changed)]
-        additive = [_head_with_additive_padding(paper.head, t, padding)[0] for t in (tokens, changed)]
-        unpadded = _head_with_additive_padding(paper.head, tokens, torch.zeros_like(padding))[0]
+        additive = [paper.head(t, padding.float())[0] for t in (tokens, changed)]
+        unpadded = paper.head(tokens, torch.zeros_like(padding).float())[0]
         torch.testing.assert_close(unpadded, paper.head(tokens, None)[0])  # nothing padded: the same network
     torch.testing.assert_close(masked[0], masked[1])
     assert not torch.allclose(additive[0], additive[1])

@@ -90,18 +90,27 @@ class GroundingHead(nn.Module):
             if p.dim() > 1 and "embed" not in name and "reg_token" not in name:
                 nn.init.xavier_uniform_(p)
 
-    def forward(
-        self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (boxes_cxcywh (B, 4) in [0, 1], reg_feature (B, dim))."""
+    def encode(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Every output token of the encoder over [REG] + tokens, after the final norm: (B, 1 + N, dim).
+
+        `padding_mask` (B, N): bool, True where a token is padding (masked out of attention); or float, added to the
+        attention logits as it is (MaPPER's release passes its 0/1 padding mask as a float: +1 on padded keys).
+        """
         b, n, _ = tokens.shape
         if n != self.num_tokens:
             raise ValueError(f"GroundingHead was built for {self.num_tokens} tokens, got {n}")
         x = torch.cat([self.reg_token.weight.expand(b, 1, -1), tokens], dim=1)  # (B, 1 + N, D)
         pos = self.pos_embed.weight.unsqueeze(0)  # (1, 1 + N, D)
         if padding_mask is not None:
-            padding_mask = torch.cat([padding_mask.new_zeros(b, 1), padding_mask.bool()], dim=1)  # [REG] never padded
+            padding_mask = padding_mask.to(x.dtype) if padding_mask.is_floating_point() else padding_mask.bool()
+            padding_mask = torch.cat([padding_mask.new_zeros(b, 1), padding_mask], dim=1)  # [REG] never padded
         for layer in self.layers:
             x = layer(x, pos, padding_mask)
-        reg = self.final_norm(x[:, 0])  # (B, D)
+        return self.final_norm(x)
+
+    def forward(
+        self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (boxes_cxcywh (B, 4) in [0, 1], reg_feature (B, dim)); `padding_mask` as in `encode`."""
+        reg = self.encode(tokens, padding_mask)[:, 0]  # (B, D)
         return self.box_mlp(reg).sigmoid(), reg

@@ -442,7 +442,7 @@ class HiVG(nn.Module):
         text_tokens = self.text_proj(text.tokens @ self.clip.text.text_projection)  # (B, L, E)
         tokens = torch.cat([visual_tokens, text_tokens], dim=1)  # (B, 1 + N + L, E)
         padding = torch.cat([self._visual_padding(images, valid), ~batch.mask], dim=1)
-        out = self._run_head(tokens, padding)  # (B, 1 + 1 + N + L, E)
+        out = self.head.encode(tokens, padding)  # (B, 1 + 1 + N + L, E): the auxiliary heads read every token
         boxes_cxcywh = self.head.box_mlp(out[:, 0]).sigmoid()
 
         # CLIP's image-text logits, for the contrastive loss
@@ -482,20 +482,6 @@ class HiVG(nn.Module):
             return torch.zeros(b, self.num_visual_tokens, dtype=torch.bool, device=images.device)
         patches = F.interpolate((~valid.bool())[None].float(), size=self.grid_hw)[0].bool()  # (B, h, w)
         return torch.cat([patches.new_zeros(b, 1), patches.flatten(1)], dim=1)
-
-    def _run_head(self, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        """The grounding head's encoder over [REG] + tokens -> every output token, after the final norm.
-
-        `GroundingHead.forward` returns only [REG]; the auxiliary heads read the patch and text outputs too, so the
-        head's own modules are run here and all outputs kept.
-        """
-        head = self.head
-        b = len(tokens)
-        x = torch.cat([head.reg_token.weight.expand(b, 1, -1), tokens], dim=1)  # (B, 1 + T, E)
-        padding = torch.cat([padding.new_zeros(b, 1), padding], dim=1)
-        for layer in head.layers:
-            x = layer(x, head.pos_embed.weight[None], padding)
-        return head.final_norm(x)
 
     def _check_inputs(self, images: torch.Tensor, texts: list[str], valid: torch.Tensor | None) -> None:
         size = self.image_size

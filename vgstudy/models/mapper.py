@@ -537,9 +537,9 @@ class MaPPER(nn.Module):
         tokens = torch.cat([text_tokens, visual_tokens], dim=1)  # (B, L + 1 + h * w, dim): [REG] comes in the head
         padding = torch.cat([~batch.mask, visual_padding], dim=1)
         if self.deviations.unmasked_fusion_padding:
-            boxes_cxcywh, reg = _head_with_additive_padding(self.head, tokens, padding)
-        else:
-            boxes_cxcywh, reg = self.head(tokens, padding)
+            # The release's mask reaches attention as a float 0/1: added to the logits (+1) instead of masking.
+            padding = padding.float()
+        boxes_cxcywh, reg = self.head(tokens, padding)
         aux = {
             "reg": reg,
             "visual_tokens": visual_tokens,
@@ -634,21 +634,6 @@ class MaPPER(nn.Module):
                 f"MaPPER valid of shape {tuple(valid.shape)}: expected ({len(images)}, {size}, {size}) bool, True "
                 "on image pixels"
             )
-
-
-def _head_with_additive_padding(
-    head: GroundingHead, tokens: torch.Tensor, padding: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The release's fusion: `head` run with the padding mask as a float 0/1 key padding mask, which torch adds to
-    the attention logits (+1 on padded keys) instead of masking them out. Returns (boxes_cxcywh, reg) as `head`."""
-    b = tokens.shape[0]
-    x = torch.cat([head.reg_token.weight.expand(b, 1, -1), tokens], dim=1)  # (B, 1 + N, D)
-    pos = head.pos_embed.weight.unsqueeze(0)  # (1, 1 + N, D)
-    key_bias = torch.cat([padding.new_zeros(b, 1), padding], dim=1).to(x.dtype)  # (B, 1 + N): 1.0 on padding
-    for layer in head.layers:
-        x = layer(x, pos, key_bias)
-    reg = head.final_norm(x[:, 0])  # (B, D)
-    return head.box_mlp(reg).sigmoid(), reg
 
 
 def _embed_without_token_types(embeddings: nn.Module, ids: torch.Tensor) -> torch.Tensor:
