@@ -55,12 +55,11 @@ from torch import nn
 
 from vgstudy.checkpoint import load_into, load_state_dict, safe_torch_load
 from vgstudy.data.tokenizers import TokenBatch, build_tokenizer
+from vgstudy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from vgstudy.errors import CheckpointError, ConfigError
 from vgstudy.models.head import EncoderLayer
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BERT_MAX_LEN = 20  # TransVG's and MaPPER's expression length on RefCOCO/RefCOCO+ (40 on RefCOCOg)
 DINOV2_IMAGE_SIZE = 518  # MaPPER's resolution: 37 x 37 patches of 14 px
 
