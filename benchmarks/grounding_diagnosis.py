@@ -198,7 +198,9 @@ def build_data(features: str, n_train: int, n_val: int, seed: int, text_tower) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--features", nargs="+", default=["oracle", "vit-tiny"], choices=["oracle", "vit-tiny", "random"])
+    parser.add_argument(
+        "--features", nargs="+", default=["oracle", "vit-tiny"], choices=["oracle", "vit-tiny", "random"]
+    )
     parser.add_argument("--readers", nargs="+", default=["probe", "head-release", "head-prenorm"])
     parser.add_argument("--targets", nargs="+", default=["expression", "largest"], choices=["expression", "largest"])
     parser.add_argument("--steps", type=int, default=1500)
