@@ -12,7 +12,13 @@ from vgstudy.errors import ConfigError
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 # Modules that register models when imported; `build` imports them on first use.
-_METHOD_MODULES = ("vgstudy.models.transvg", "vgstudy.models.hivg", "vgstudy.models.mapper", "vgstudy.models.petl")
+_METHOD_MODULES = (
+    "vgstudy.models.transvg",
+    "vgstudy.models.hivg",
+    "vgstudy.models.mapper",
+    "vgstudy.models.petl",
+    "vgstudy.models.epmvg",
+)
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
