@@ -92,6 +92,42 @@ class DataParams(RunParams):
         return out
 
 
+BACKBONE_VARIANTS = ("random", "unimodal", "clip")
+
+
+@dataclass(frozen=True)
+class BackbonesParams(DataParams):
+    """Notebook 01: TransVG trained from random, unimodal-pretrained and CLIP backbones."""
+
+    n_train: int = param(1000, "SynthRef training samples", low=1)
+    n_eval: int = param(200, "SynthRef samples per evaluation split", low=1)
+    variants: str = param("random,unimodal,clip", "comma-separated backbone variants: random, unimodal, clip")
+    epochs: int = param(2, "training epochs of each TransVG", low=1)
+    batch_size: int = param(32, "training batch size", low=1)
+    lr: float = param(5e-4, "learning rate of the fusion and head (the release: 1e-4)", low=0)
+    backbone_lr_scale: float = param(0.1, "backbone learning rate / lr when not frozen (the release: 0.1)", low=0)
+    freeze_backbones: bool = param(True, "freeze both backbones (tiny: only the fusion trains)")
+    detr_weights: Path | None = param(
+        None, "paper: local DETR-R50 checkpoint for the unimodal visual branch", exists=True
+    )
+    bert_weights: Path | None = param(None, "paper: local BERT-base folder for the unimodal text branch", exists=True)
+    clip_weights: Path | None = param(None, "paper: local open_clip ViT-B-16 weights for the clip variant", exists=True)
+
+    def variant_list(self) -> tuple[str, ...]:
+        return tuple(v.strip() for v in self.variants.split(",") if v.strip())
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        unknown = [v for v in self.variant_list() if v not in BACKBONE_VARIANTS]
+        if unknown or not self.variant_list():
+            out.append(f"variants: {self.variants!r}: expected a comma-separated subset of {BACKBONE_VARIANTS}")
+        if self.profile == "paper":
+            for name in ("detr_weights", "bert_weights", "clip_weights"):
+                if getattr(self, name) is None:
+                    out.append(f"{name}: required by the paper profile (no downloads: a local file)")
+        return out
+
+
 def _describe_type(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 

@@ -294,6 +294,25 @@ def _overlaps(boxes_a_xyxy: torch.Tensor, boxes_b_xyxy: torch.Tensor) -> torch.T
     return (width > 0) & (height > 0)
 
 
+def image_and_patch_embeddings(clip: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CLIPBackbone's (B, E) image embeddings and (B, N, E) patch embeddings (each patch token through the image
+    projection), L2-normalised: what the region term trains, and what similarity maps show."""
+    visual = clip.visual
+    tokens = visual(images).tokens  # (B, 1 + N, D)
+    image = F.normalize(visual.project(tokens), dim=-1)  # (B, E)
+    patches = F.normalize(tokens[:, visual.num_prefix_tokens :] @ visual.proj, dim=-1)  # (B, N, E)
+    return image, patches
+
+
+@torch.no_grad()
+def phrase_similarity_maps(clip: nn.Module, images: torch.Tensor, phrases: list[str]) -> torch.Tensor:
+    """(B, h, w) cosine similarity between each image's patches and its phrase (images in CLIP's normalisation)."""
+    _, patches = image_and_patch_embeddings(clip, images)
+    text = F.normalize(clip.text(phrases).pooled, dim=-1)  # (B, E)
+    h, w = clip.visual.grid_hw
+    return torch.einsum("bne,be->bn", patches, text).view(len(images), h, w)
+
+
 class _ContrastiveObjective(nn.Module):
     """CLIP's caption InfoNCE + the phrase <-> best-patch InfoNCE (see the module docstring); trains a CLIPBackbone.
 
@@ -326,11 +345,7 @@ class _ContrastiveObjective(nn.Module):
 
     def _embed_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (B, E) image embeddings and (B, N, E) patch embeddings, L2-normalised."""
-        visual = self.backbone.visual
-        tokens = visual(images).tokens  # (B, 1 + N, D)
-        image = F.normalize(visual.project(tokens), dim=-1)  # (B, E)
-        patches = F.normalize(tokens[:, visual.num_prefix_tokens :] @ visual.proj, dim=-1)  # (B, N, E)
-        return image, patches
+        return image_and_patch_embeddings(self.backbone, images)
 
     def _embed_texts(self, texts: list[str]) -> torch.Tensor:
         """-> (T, E) L2-normalised. Padding after the longest text is cut: with causal attention the features of

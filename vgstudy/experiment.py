@@ -1,0 +1,98 @@
+"""What every method notebook does the same way: load the active data set, train a model on it, evaluate every split.
+
+A notebook's parameters (a `vgstudy.config.DataParams` or a subclass) choose SynthRef or a real data set; the
+training is the one `vgstudy.train.Trainer`, so a run writes the same log, checkpoints and results.json wherever it
+comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from vgstudy.config import DataParams
+from vgstudy.data.refer import DATASETS, load_split
+from vgstudy.data.synthref import SynthRef
+from vgstudy.data.transforms import GroundingTransform, TransformedDataset, collate
+from vgstudy.evaluate import BASELINES, evaluate_baseline
+from vgstudy.losses import BoxCriterion
+from vgstudy.train import Stage, TrainConfig, Trainer
+
+
+def eval_split_names(params: DataParams) -> tuple[str, ...]:
+    """The splits reported for the data set: val/testA/testB for SynthRef and RefCOCO(+), its held-out ones else."""
+    if params.dataset == "synthref":
+        return ("val", "testA", "testB")
+    return tuple(split for split in DATASETS[params.dataset].splits if split not in ("train", "trainval"))
+
+
+def grounding_data(params: DataParams) -> tuple[Dataset, dict[str, Dataset]]:
+    """(train set, {split: eval set}) of raw samples for the parameters' data set (SynthRef: n_train / n_eval)."""
+    if params.dataset == "synthref":
+        train = SynthRef("train", params.n_train, seed=params.seed, image_size=params.image_size)
+        evals = {
+            split: SynthRef(split, params.n_eval, seed=params.seed, image_size=params.image_size)
+            for split in eval_split_names(params)
+        }
+        return train, evals
+    load = dict(root=params.data_root, dataset=params.dataset, image_root=params.image_root)
+    return load_split(split="train", **load), {
+        split: load_split(split=split, **load) for split in eval_split_names(params)
+    }
+
+
+def baselines(evals: Mapping[str, Dataset], seed: int = 0) -> dict[str, dict[str, float]]:
+    """Acc@0.5 (%) of every trivial baseline (notebook 00) per split: {baseline: {split: acc50}}.
+
+    The object baselines need every object of a scene, which only SynthRef samples carry (`sample.scene`); real data
+    sets get the box-only ones.
+    """
+    with_scenes = all(getattr(data[0], "scene", None) is not None for data in evals.values() if len(data))
+    names = [name for name in BASELINES if with_scenes or "object" not in name or name.startswith("oracle")]
+    return {
+        name: {split: evaluate_baseline(name, data, seed=seed)["acc50"] for split, data in evals.items()}
+        for name in names
+    }
+
+
+def train_and_evaluate(
+    model: nn.Module,
+    train: Dataset,
+    evals: Mapping[str, Dataset],
+    run_dir: str | Path,
+    *,
+    stages: tuple[Stage, ...],
+    batch_size: int,
+    seed: int,
+    device: str = "cpu",
+    criterion=None,
+    augment: bool = True,
+    params: Mapping | None = None,
+    resume: str | bool = "auto",
+) -> dict:
+    """Train `model` with the Trainer (its own train/eval transforms) and evaluate every split at the end.
+
+    Returns the Trainer's results dict ("metrics" per split: acc50, acc75, miou, n; "train_time_s", "steps", ...).
+    `resume="auto"` continues a killed run in the same run_dir; a finished one is not retrained.
+    """
+    train_config = dataclasses.replace(model.transform, train=augment)
+    train_set = TransformedDataset(train, GroundingTransform(train_config))
+    eval_transform = GroundingTransform(model.transform)
+    eval_sets = {split: TransformedDataset(data, eval_transform) for split, data in evals.items()}
+    config = TrainConfig(stages=stages, batch_size=batch_size, seed=seed, eval_every_epochs=0)
+    trainer = Trainer(
+        model,
+        criterion or BoxCriterion(),
+        train_set,
+        config,
+        run_dir,
+        collate_fn=collate,
+        eval_sets=eval_sets,
+        device=device,
+        params=params,
+    )
+    return trainer.fit(resume=resume)
