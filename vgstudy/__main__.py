@@ -1,9 +1,12 @@
-"""`python -m vgstudy run | sweep | report | params`: the study runner's command line (see `vgstudy.study`).
+"""`python -m vgstudy run | sweep | report | params | predict`: the study runner and single-image prediction.
+
+The commands are thin: `vgstudy.study` runs, sweeps and reports notebooks, `vgstudy.predict` predicts.
 
     python -m vgstudy run 00 -p seed=1 -f notebooks/params/00_task_and_data-study.yaml --out runs
     python -m vgstudy sweep sweep.yaml --shard 0/4 --jobs 2 --gpus 8
     python -m vgstudy report runs/00_task_and_data --by n_eval
     python -m vgstudy params 00
+    python -m vgstudy predict --checkpoint runs/01_transvg/p-1234 --image photo.jpg --text "the left dog" --out box.png
 
 Bad parameters stop a command before anything runs, with one message listing every problem (exit code 2); a failed
 run exits with 1.
@@ -98,6 +101,18 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from vgstudy.predict import load_predictor, read_image  # local import: only this command needs the models
+
+    image = read_image(args.image)  # a bad image fails before the model is built
+    predictor = load_predictor(args.checkpoint, model=args.model, device=args.device)
+    prediction = predictor.predict(image, args.text)
+    print(" ".join(f"{value:.2f}" for value in prediction.box_xyxy))
+    if args.out is not None:
+        print(f"written: {prediction.overlay(args.out)}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m vgstudy`."""
     parser = argparse.ArgumentParser(prog="python -m vgstudy", description=__doc__.split("\n")[0])
@@ -136,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("notebook", nargs="?", help="one notebook (default: all)")
     params.add_argument("--readme", help="write the tables between the markers of this README instead of printing")
     params.set_defaults(handler=_params)
+
+    predict = commands.add_parser(
+        "predict", help="the box an expression refers to in one image: prints x1 y1 x2 y2 (pixels of the image)"
+    )
+    predict.add_argument(
+        "--checkpoint", required=True, help="a run folder, a checkpoint folder (checkpoints/step-N) or a .safetensors"
+    )
+    predict.add_argument("--model", help="registered model name (default: the run's model.json card)")
+    predict.add_argument("--image", required=True, help="the image file (JPEG, PNG, ...)")
+    predict.add_argument("--text", required=True, help="the referring expression")
+    predict.add_argument("--out", help="also write the image with the box drawn, as a PNG")
+    predict.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    predict.set_defaults(handler=_predict)
     return parser
 
 
