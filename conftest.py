@@ -10,3 +10,11 @@ for key, value in {
     "PYTHONHASHSEED": "0",
 }.items():
     os.environ.setdefault(key, value)
+
+# Property-based tests: a few deterministic examples by default (`make test`), many with VGSTUDY_FUZZ=long
+# (`make test-long`).
+from hypothesis import settings
+
+settings.register_profile("fast", max_examples=25, deadline=None, derandomize=True)
+settings.register_profile("long", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("VGSTUDY_FUZZ", "fast"))
