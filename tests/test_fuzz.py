@@ -301,9 +301,8 @@ def write_one_entry(root: Path, box, text: str = "the red circle") -> None:
     torch.save([("photo.png", 1, box, text, ["red"])], root / "unc" / f"unc_{SPLIT}.pth")
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="known bug: refer._parse_box calls float() unguarded")
 def test_box_int_beyond_float_range_is_a_data_error(tmp_path, image_root):
-    # Reproducer: a box [10**400, 0, 5, 5] escapes as OverflowError ("int too large to convert to float").
+    # Was: a box [10**400, 0, 5, 5] escaped as OverflowError ("int too large to convert to float").
     write_one_entry(tmp_path, [10**400, 0, 5, 5])
     with pytest.raises(DataError, match=r"unc_val.pth \[0\]"):
         load_split(tmp_path, "unc", SPLIT, image_root)
@@ -794,7 +793,6 @@ def test_parameters_are_coerced_and_checked_or_refused_with_a_config_error(case,
         assert params == schema()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="known gap: seeds beyond 64 bits pass validation")
 def test_an_accepted_seed_can_seed_torch():
     # Reproducer: validate({"seed": 2**64}).seed passes, then vgstudy.seed_everything(params.seed) raises
     # ValueError("Overflow when unpacking long long") from torch.manual_seed (also for the YAML string "1e30").
@@ -805,7 +803,6 @@ def test_an_accepted_seed_can_seed_torch():
     torch.Generator().manual_seed(params.seed)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="known gap: paths with a NUL character pass validation")
 def test_an_accepted_out_dir_can_be_made(tmp_path):
     # Reproducer: validate({"out_dir": "runs\x00"}).out_dir passes, then making the run folder raises ValueError
     # ("embedded null byte") from os.mkdir.

@@ -55,7 +55,7 @@ class RunParams:
     """Parameters every notebook has."""
 
     profile: Literal["tiny", "study", "paper"] = param("tiny", "size of the run: tiny (CPU, minutes), study, paper")
-    seed: int = param(0, "seed of every random draw (data, initialisation, order)", low=0)
+    seed: int = param(0, "seed of every random draw (data, initialisation, order)", low=0, high=2**63 - 1)
     device: str = param("cpu", "cpu, cuda, cuda:N, or auto (cuda when available)")
     out_dir: Path = param(Path("../runs"), "where results, checkpoints and the model cache go (relative to notebooks/)")
     run_id: str | None = param(
@@ -99,10 +99,10 @@ BACKBONE_VARIANTS = ("random", "unimodal", "clip")
 class BackbonesParams(DataParams):
     """Notebook 01: TransVG trained from random, unimodal-pretrained and CLIP backbones."""
 
-    n_train: int = param(1000, "SynthRef training samples", low=1)
-    n_eval: int = param(200, "SynthRef samples per evaluation split", low=1)
+    n_train: int = param(640, "SynthRef training samples", low=1)
+    n_eval: int = param(100, "SynthRef samples per evaluation split", low=1)
     variants: str = param("random,unimodal,clip", "comma-separated backbone variants: random, unimodal, clip")
-    epochs: int = param(2, "training epochs of each TransVG", low=1)
+    epochs: int = param(1, "training epochs of each TransVG", low=1)
     batch_size: int = param(32, "training batch size", low=1)
     lr: float = param(5e-4, "learning rate of the fusion and head (the release: 1e-4)", low=0)
     backbone_lr_scale: float = param(0.1, "backbone learning rate / lr when not frozen (the release: 0.1)", low=0)
@@ -203,8 +203,8 @@ def _coerce(value: Any, tp: Any) -> Any:
             raise ValueError("a string")
         return value
     if tp is Path:
-        if not isinstance(value, str | Path) or str(value).strip() == "":
-            raise ValueError("a path")
+        if not isinstance(value, str | Path) or str(value).strip() == "" or "\x00" in str(value):
+            raise ValueError("a path (non-empty, no NUL character)")
         return Path(value).expanduser()
     raise ValueError(f"a {_describe_type(tp)}")
 

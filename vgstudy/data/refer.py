@@ -307,7 +307,10 @@ def _parse_box(box: Any, layout: DatasetLayout) -> tuple[float, float, float, fl
         or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in box)
     ):
         raise DataError(f"box {box!r}: expected 4 numbers ({layout.box_format})")
-    values = [float(v) for v in box]
+    try:
+        values = [float(v) for v in box]
+    except OverflowError:  # an int beyond float's range
+        raise DataError(f"box {box!r} ({layout.box_format}) has values beyond any image; expected pixels") from None
     if not all(math.isfinite(v) for v in values):
         raise DataError(f"box {values} ({layout.box_format}) has non-finite values; expected finite pixels")
     if layout.integer_boxes:
