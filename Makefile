@@ -11,12 +11,13 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: help install study test test-long lint format sync execute lab clean
+.PHONY: help install study test test-long bench lint format sync execute lab clean
 
 help:
 	@echo "make study      install if needed, run every notebook (tiny profile) into runs/study/"
 	@echo "make test       ruff, pytest (unit + notebook hygiene), nbval over the committed notebooks"
 	@echo "make test-long  the slow tests too"
+	@echo "make bench      data-loader and model benchmarks (CPU: under 10 minutes) -> runs/bench/models/results.md"
 	@echo "make sync       regenerate each notebooks/*.ipynb from its .py source (jupytext)"
 	@echo "make execute    sync, then execute every notebook in place (what is committed)"
 	@echo "make lab        open the notebooks in JupyterLab (installed into .venv on first use)"
@@ -37,6 +38,15 @@ study: $(STAMP)
 	done
 	@echo "Executed notebooks: runs/study/*.ipynb; results and model cache: runs/"
 
+# Data loading first (short settings), then every model; models.py keeps itself inside --budget-s.
+# One torch thread by default (figures that compare across machines); `make bench BENCH_THREADS=8` for more.
+BENCH_THREADS ?= 1
+bench: $(STAMP)
+	@mkdir -p runs/bench/models
+	$(PY) benchmarks/data_throughput.py --n 256 --out runs/bench/models/data.json
+	$(PY) benchmarks/models.py --budget-s 480 --threads $(BENCH_THREADS) --data-json runs/bench/models/data.json \
+	  --out runs/bench/models
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -50,7 +60,7 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks/
 
 test-long: $(STAMP) lint
-	$(PY) -m pytest -q tests
+	VGSTUDY_FUZZ=long $(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks/
 
 sync: $(STAMP)
