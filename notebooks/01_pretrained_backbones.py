@@ -292,7 +292,7 @@ for variant in ("unimodal", "clip"):
         )
 for claim, holds in verdicts.items():
     print(f"{'yes' if holds else 'no ':3s}  {claim}")
-(out / "results.json").write_text(
+written = (out / "results.json").write_text(
     json.dumps(
         {"params": vgstudy.config.as_dict(params), "results": results, "baselines": floors, "verdicts": verdicts},
         indent=2,
