@@ -241,8 +241,9 @@ def main() -> None:
                         with_text=with_text,
                     )
                 result = train(reader, data, target, args.steps, args.batch_size, args.lr, args.seed)
-                rows.append({"features": features, "target": target, "reader": reader_name, **result})
-                rows[-1]["feature_s"] = feature_s
+                rows.append(
+                    {"features": features, "target": target, "reader": reader_name, **result, "feature_s": feature_s}
+                )
                 print(json.dumps(rows[-1]), flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -146,6 +146,8 @@ BASELINES: Mapping[str, Callable[[Sample, torch.Generator], torch.Tensor]] = {
     "random object": random_object,
     "oracle object, 2x box": oracle_object_wrong_size,
 }
+# The baselines that read every object of the scene (`sample.scene`, SynthRef only).
+SCENE_BASELINES = frozenset({"largest object", "random object"})
 
 
 def evaluate_baseline(baseline: str | Callable, samples: Iterable[Sample], seed: int = 0) -> dict[str, float]:

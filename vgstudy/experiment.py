@@ -18,7 +18,7 @@ from vgstudy.config import DataParams
 from vgstudy.data.refer import DATASETS, load_split
 from vgstudy.data.synthref import SynthRef
 from vgstudy.data.transforms import GroundingTransform, TransformedDataset, collate
-from vgstudy.evaluate import BASELINES, evaluate_baseline
+from vgstudy.evaluate import BASELINES, SCENE_BASELINES, evaluate_baseline
 from vgstudy.losses import BoxCriterion
 from vgstudy.train import Stage, TrainConfig, Trainer
 
@@ -52,7 +52,7 @@ def baselines(evals: Mapping[str, Dataset], seed: int = 0) -> dict[str, dict[str
     sets get the box-only ones.
     """
     with_scenes = all(getattr(data[0], "scene", None) is not None for data in evals.values() if len(data))
-    names = [name for name in BASELINES if with_scenes or "object" not in name or name.startswith("oracle")]
+    names = [name for name in BASELINES if with_scenes or name not in SCENE_BASELINES]
     return {
         name: {split: evaluate_baseline(name, data, seed=seed)["acc50"] for split, data in evals.items()}
         for name in names

@@ -39,7 +39,7 @@ from vgstudy.checkpoint import (
     verify_checkpoint,
 )
 from vgstudy.data.sample import Sample
-from vgstudy.data.transforms import GroundingTransform, TransformConfig
+from vgstudy.data.transforms import GroundingTransform, TransformConfig, centred_offset, resized_size
 from vgstudy.errors import CheckpointError, ConfigError, DataError
 from vgstudy.evaluate import cxcywh_to_xyxy
 from vgstudy.models.registry import build, model_names
@@ -119,10 +119,8 @@ def input_box_to_image(box_cxcywh: torch.Tensor, image_hw: tuple[int, int], tran
         raise ConfigError("input_box_to_image needs the eval transform (train=False): training pads at random offsets")
     height, width = image_hw
     size = transform.image_size
-    # As `_resize_long_side` and `_padding` in vgstudy.data.transforms place the image in the input.
-    ratio = size / max(height, width)
-    resized_h, resized_w = max(1, round(height * ratio)), max(1, round(width * ratio))
-    top, left = (size - resized_h) // 2, (size - resized_w) // 2
+    resized_h, resized_w = resized_size(height, width, size)  # where the transform put the image in the input
+    top, left = centred_offset(resized_h, resized_w, size)
     x1, y1, x2, y2 = (cxcywh_to_xyxy(box_cxcywh.float()) * size).unbind(-1)  # pixels of the S x S input
     scale_x, scale_y = width / resized_w, height / resized_h
     return torch.stack(

@@ -217,7 +217,7 @@ class GroundingTransform:
         if self.config.train and self.config.random_translate:
             top, left = self._draw_int(0, extra_h), self._draw_int(0, extra_w)
         else:
-            top, left = extra_h // 2, extra_w // 2
+            top, left = centred_offset(height, width, self.config.image_size)
         return [left, top, extra_w - left, extra_h - top]
 
 
@@ -253,11 +253,20 @@ def collate(items: list[dict]) -> dict:
     }
 
 
-def _resize_long_side(image, boxes_xyxy, mask, long_side: int):
-    """Resize so the longer side is `long_side`, keeping the aspect ratio (no side below 1 px)."""
-    height, width = image.shape[-2:]
+def resized_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(height, width) after resizing the longer side to `long_side`, keeping the aspect ratio (no side below 1 px)."""
     ratio = long_side / max(height, width)
-    size = [max(1, round(height * ratio)), max(1, round(width * ratio))]
+    return max(1, round(height * ratio)), max(1, round(width * ratio))
+
+
+def centred_offset(height: int, width: int, image_size: int) -> tuple[int, int]:
+    """(top, left) of a (height, width) image padded to image_size x image_size, centred (the eval padding)."""
+    return (image_size - height) // 2, (image_size - width) // 2
+
+
+def _resize_long_side(image, boxes_xyxy, mask, long_side: int):
+    """Resize so the longer side is `long_side` (`resized_size`)."""
+    size = list(resized_size(*image.shape[-2:], long_side))
     mask = None if mask is None else F.resize(mask, size)  # nearest, as the releases resize masks
     return F.resize(image, size, antialias=True), F.resize(boxes_xyxy, size), mask
 
