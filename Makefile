@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: help install study test test-long bench lint format sync execute lab clean
+.PHONY: help install study test test-long bench lint format sync execute lab site clean
 
 help:
 	@echo "make study      install if needed, run every notebook (tiny profile) into runs/study/"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench      data-loader and model benchmarks (CPU: under 10 minutes) -> runs/bench/models/results.md"
 	@echo "make sync       regenerate each notebooks/*.ipynb from its .py source (jupytext)"
 	@echo "make execute    sync, then execute every notebook in place (what is committed)"
+	@echo "make site       the executed notebooks as a static HTML site (offline) -> runs/site/index.html"
 	@echo "make lab        open the notebooks in JupyterLab (installed into .venv on first use)"
 
 $(STAMP): pyproject.toml
@@ -62,6 +63,9 @@ test: $(STAMP) lint
 test-long: $(STAMP) lint
 	VGSTUDY_FUZZ=long $(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks/
+
+site: $(STAMP)
+	$(PY) -m vgstudy site --notebooks notebooks --out runs/site
 
 sync: $(STAMP)
 	$(VENV)/bin/jupytext --sync $(NOTEBOOKS)

@@ -101,6 +101,16 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site(args: argparse.Namespace) -> int:
+    from vgstudy.site import build_site  # local import: only this command needs nbconvert
+
+    pages = build_site(args.notebooks, args.out)
+    for page in pages:
+        print(f"{page.file}: {page.title} ({page.figures} figures)")
+    print(f"written: {Path(args.out) / 'index.html'}", file=sys.stderr)
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from vgstudy.predict import load_predictor, read_image  # local import: only this command needs the models
 
@@ -151,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("notebook", nargs="?", help="one notebook (default: all)")
     params.add_argument("--readme", help="write the tables between the markers of this README instead of printing")
     params.set_defaults(handler=_params)
+
+    site = commands.add_parser("site", help="the executed notebooks as a static HTML site, readable offline")
+    site.add_argument(
+        "--notebooks", default="notebooks", help="folder of the executed NN_name.ipynb (default: notebooks)"
+    )
+    site.add_argument("--out", default="runs/site", help="where index.html and the pages go (default: runs/site)")
+    site.set_defaults(handler=_site)
 
     predict = commands.add_parser(
         "predict", help="the box an expression refers to in one image: prints x1 y1 x2 y2 (pixels of the image)"
