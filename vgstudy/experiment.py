@@ -73,12 +73,20 @@ def train_and_evaluate(
     augment: bool = True,
     params: Mapping | None = None,
     resume: str | bool = "auto",
+    model_card: tuple[str, Mapping] | None = None,
 ) -> dict:
     """Train `model` with the Trainer (its own train/eval transforms) and evaluate every split at the end.
 
     Returns the Trainer's results dict ("metrics" per split: acc50, acc75, miou, n; "train_time_s", "steps", ...).
     `resume="auto"` continues a killed run in the same run_dir; a finished one is not retrained.
+    `model_card=(registered name, JSON-able build overrides)` is written to run_dir/model.json first, so
+    `python -m vgstudy predict --checkpoint run_dir` can rebuild the model without being told its name.
     """
+    if model_card is not None:
+        from vgstudy.predict import write_model_card  # local import: predict imports the models
+
+        name, overrides = model_card
+        write_model_card(run_dir, name, dict(overrides))
     train_config = dataclasses.replace(model.transform, train=augment)
     train_set = TransformedDataset(train, GroundingTransform(train_config))
     eval_transform = GroundingTransform(model.transform)

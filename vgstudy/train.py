@@ -358,6 +358,23 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"run_dir {run_dir} cannot be created or written to: {e}") from e
 
 
+def checkpoint_size_estimate(model: nn.Module) -> int:
+    """Bytes of one checkpoint, at most: every tensor of the state dict plus AdamW's two moments per parameter."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    return state + moments
+
+
+def _check_free_space(run_dir: Path, needed: int) -> None:
+    """Fail before training when the disk under `run_dir` cannot hold a checkpoint (written beside the last one)."""
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise ConfigError(
+            f"run_dir {run_dir}: {free / 2**20:.1f} MiB free on its disk, but a checkpoint needs about "
+            f"{needed / 2**20:.1f} MiB (weights + optimiser state); free some space or choose another out_dir"
+        )
+
+
 @dataclass
 class _Progress:
     """Where a run is; saved in every checkpoint's state.json. Counts are of work done."""
@@ -432,6 +449,8 @@ class Trainer:
                 f"{config.batch_size} per process on {self.processes.world_size} process(es)"
             )
 
+        if self.processes.main:
+            _check_free_space(self.run_dir, checkpoint_size_estimate(model))
         self.model = model.to(device)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
@@ -757,7 +776,13 @@ class Trainer:
                 training = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
                 atomic_torch_save(folder / OPTIMIZER_FILE, training)
 
-            write_checkpoint(self.checkpoint_root, progress.step, write_files, state)
+            try:
+                write_checkpoint(self.checkpoint_root, progress.step, write_files, state)
+            except OSError as e:  # a full disk, a quota, a vanished folder: the earlier checkpoints are untouched
+                raise CheckpointError(
+                    f"checkpoint step-{progress.step} could not be written into {self.checkpoint_root}: {e}; the "
+                    f"earlier checkpoints there are intact and the run resumes from the newest once this is fixed"
+                ) from e
             prune_checkpoints(self.checkpoint_root, self.config.keep_checkpoints)
         if self.processes.distributed:
             dist.barrier()
