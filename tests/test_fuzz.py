@@ -4,10 +4,7 @@ Four targets, each a property over random input: the split-file loader, the grou
 the parameter validation. "Works correctly" is checked against an expectation built independently of the code under
 test (the box a good split-file entry loads as, where an uncropped image puts the box, the untruncated token ids,
 the value a parameter coerces to), so a crash deep inside torch, a hang or a silently wrong box fails the test.
-
-Inputs that trip a known bug are kept out of the properties and reproduced, one each, by the strict xfail tests at
-the end of each section: once a bug is fixed its test passes, strict xfail turns that into a failure, and the mark
-(and the exclusion from the property) can go.
+Each bug the properties found has its own regression test at the end of its section.
 
 How many examples run is set by the hypothesis profile (conftest.py): "fast" by default, "long" with
 VGSTUDY_FUZZ=long (`make test-long`). Each property counts the examples it tried; `test_fuzz_counts_reported`, the
@@ -45,7 +42,7 @@ from vgstudy import config as config_module
 from vgstudy.config import RunParams, load, validate
 from vgstudy.data.refer import DATASETS, DatasetLayout, load_split
 from vgstudy.data.sample import Sample
-from vgstudy.data.tokenizers import build_tokenizer
+from vgstudy.data.tokenizers import build_tokenizer, visible_text
 from vgstudy.data.transforms import CLIP_MEAN, CLIP_STD, POSITION_WORDS, GroundingTransform, TransformConfig
 from vgstudy.errors import ConfigError, DataError
 
@@ -72,8 +69,8 @@ BAD_IMAGE_NAMES = (
     "../dot.png",
 )
 WHITESPACE = " \t\n\r\x0b\x0c\x1c\x85\u00a0\u2028\u3000"  # what str.strip removes, ASCII and beyond
-# Unicode's White_Space characters but NEL (U+0085), which the tokenisers drop (a known bug, below).
-UNICODE_SPACES = " \t\n\r\x0b\x0c\u00a0\u1680\u2000\u2028\u2029\u202f\u205f\u3000"
+# Unicode's White_Space characters.
+UNICODE_SPACES = " \t\n\r\x0b\x0c\x85\u00a0\u1680\u2000\u2028\u2029\u202f\u205f\u3000"
 SPLIT = "val"  # every layout has a val split of one file
 
 
@@ -127,7 +124,7 @@ JUNK = st.recursive(
 
 @st.composite
 def wild_tensors(draw) -> torch.Tensor:
-    """Tensors of wrong or right shape, of every dense dtype, with non-finite values."""
+    """Tensors of wrong or right shape, of every dtype, with non-finite values; some sparse, some without values."""
     shape = draw(st.sampled_from([(4,), (4,), (), (0,), (3,), (5,), (2, 2), (1, 4)]))
     values = draw(st.lists(WILD_NUMBERS, min_size=math.prod(shape), max_size=math.prod(shape)))
     dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64]))
@@ -135,7 +132,11 @@ def wild_tensors(draw) -> torch.Tensor:
     if draw(st.booleans()):
         dtype = draw(st.sampled_from([torch.int64, torch.int32, torch.uint8, torch.bool]))
         values = [int(v) % 256 if math.isfinite(v) else 0 for v in values]
-    return torch.tensor(values, dtype=dtype).reshape(shape)
+    tensor = torch.tensor(values, dtype=dtype).reshape(shape)
+    kind = draw(st.sampled_from(["dense", "dense", "dense", "sparse", "meta"]))
+    if kind == "sparse" and tensor.dim() > 0 and dtype not in (torch.bool, torch.float16, torch.bfloat16):
+        return tensor.to_sparse()
+    return tensor.to("meta") if kind == "meta" else tensor
 
 
 def pixel_span(size: int):
@@ -170,7 +171,7 @@ def good_entries(draw, layout: DatasetLayout, max_text_chars: int) -> FuzzEntry:
     )
     words = draw(
         st.text(alphabet=st.characters(exclude_categories=()), min_size=1, max_size=max_text_chars).filter(
-            lambda t: t.strip() and len(t.strip()) <= max_text_chars
+            lambda t: visible_text(t).strip() and len(t.strip()) <= max_text_chars
         )
     )
     pad = st.text(alphabet=WHITESPACE, max_size=3)
@@ -205,7 +206,8 @@ def bad_entries(draw, layout: DatasetLayout, max_text_chars: int) -> FuzzEntry:
         item[box_slot] = draw(st.lists(st.integers(-400, 400) | st.floats(-400, 400), min_size=4, max_size=4))
     elif how == "text":
         too_long = "x" * (max_text_chars + 1)
-        item[text_slot] = draw(st.text(alphabet=WHITESPACE, max_size=5) | st.just(too_long) | JUNK)
+        invisible = st.text(alphabet="\x00\x07\u200b\ufeff\x85 ", min_size=1, max_size=5)
+        item[text_slot] = draw(st.text(alphabet=WHITESPACE, max_size=5) | invisible | st.just(too_long) | JUNK)
     else:
         item[0] = draw(st.sampled_from(BAD_IMAGE_NAMES) | JUNK)
     return FuzzEntry(tuple(item), False)
@@ -308,30 +310,21 @@ def test_box_int_beyond_float_range_is_a_data_error(tmp_path, image_root):
         load_split(tmp_path, "unc", SPLIT, image_root)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(RuntimeError, NotImplementedError),
-    reason="known bug: refer._parse_box calls .tolist() on sparse and meta tensors, which torch refuses",
-)
-@pytest.mark.parametrize("layout", ["sparse", "meta"])
 @pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
-def test_box_tensor_without_data_is_a_data_error(tmp_path, image_root, layout):
-    # Reproducer: a sparse box tensor escapes as RuntimeError, a meta one as NotImplementedError.
+def test_a_sparse_box_tensor_loads_as_its_dense_values_and_a_meta_one_is_a_data_error(tmp_path, image_root):
     dense = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    write_one_entry(tmp_path, dense.to_sparse() if layout == "sparse" else dense.to("meta"))
-    with pytest.raises(DataError, match=r"unc_val.pth \[0\]"):
-        load_split(tmp_path, "unc", SPLIT, image_root)
+    write_one_entry(tmp_path, dense.to_sparse())
+    (entry,) = load_split(tmp_path, "unc", SPLIT, image_root).entries
+    assert entry.box_xyxy == (1.0, 2.0, 4.0, 6.0)  # unc boxes are x, y, w, h
+    (tmp_path / "meta").mkdir()
+    write_one_entry(tmp_path / "meta", dense.to("meta"))
+    with pytest.raises(DataError, match=r"unc_val.pth \[0\].*meta device"):
+        load_split(tmp_path / "meta", "unc", SPLIT, image_root)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="known gap: the loader keeps phrases of control/format characters only, which the tokenisers call empty",
-)
-def test_phrase_of_invisible_characters_is_refused_where_it_is_read(tmp_path, image_root):
-    # Reproducer: "\x00\u200b" passes load_split (str.strip keeps it), then build_tokenizer(...)(texts) raises
-    # "text at batch position k is empty" mid-training, without the split file and index.
-    write_one_entry(tmp_path, [1, 1, 5, 5], text="\x00\u200b")
+@pytest.mark.parametrize("text", ["\x00\u200b", "\u200b\u200c\ufeff", "\x85\x07"])
+def test_phrase_of_invisible_characters_is_refused_where_it_is_read(tmp_path, image_root, text):
+    write_one_entry(tmp_path, [1, 1, 5, 5], text=text)
     with pytest.raises(DataError, match=r"unc_val.pth \[0\].*empty"):
         load_split(tmp_path, "unc", SPLIT, image_root)
 
@@ -530,7 +523,7 @@ def fuzz_texts(draw) -> str:
     text = separator.join(pieces)
     repeat = draw(st.sampled_from([1, 1, 2, 50, MAX_CHARS]))  # up to 10k characters, in a few repeated chunks
     if repeat > 1 and text:
-        # chunks end in a space: one word of 10k random letters is the known quadratic case, tested on its own below
+        # chunks end in a space: one word of 10k random letters is the quadratic BPE case, tested on its own below
         text = ((text + " ") * repeat)[:MAX_CHARS]
     return text
 
@@ -624,26 +617,26 @@ def test_plain_words_decode_back_through_any_whitespace_and_control_characters(n
     assert torch.equal(batch.ids, tokenizer([" ".join(words)]).ids)
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known: CLIP's BPE is quadratic in the word length")
 def test_one_very_long_word_does_not_hang_the_clip_tokeniser():
-    # Reproducer: build_tokenizer("clip", 77)([12k random letters, no space]) takes ~15 s on one core (10k: ~10 s,
-    # 1k: ~0.1 s), though only the first 75 tokens are kept; the loader's max_text_chars (1000) bounds it there.
+    # 12k letters with no space took ~15 s before words were cut to what their first max_len tokens can span.
     rng = random.Random(0)
     word = "".join(rng.choice(string.ascii_lowercase) for _ in range(12_000))
     started = time.monotonic()
-    tokenizer_with("clip", 77, "truncate")([word])
+    ids = tokenizer_with("clip", 77, "truncate")([word]).ids[0]
     assert time.monotonic() - started < 5.0
+    # The kept tokens are the full word's: BPE's first tokens do not depend on the word's far end.
+    from open_clip.tokenizer import SimpleTokenizer
+
+    assert ids[1:76].tolist() == SimpleTokenizer().encode(word[:4000])[:75]
+    with pytest.raises(DataError, match="tokens; expected at most max_len=77"):
+        tokenizer_with("clip", 77, "error")([word])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known bug: the tokenisers drop NEL (U+0085), a space")
 @pytest.mark.parametrize("name", ["clip", "bert"])
-def test_next_line_separates_words(name):
-    # Reproducer: build_tokenizer(name, 16)(["red\x85circle"]) decodes as "redcircle": NEL is Unicode White_Space
-    # (and str.strip/split whitespace, so the loader strips it) but tokenizers._without_control_characters keeps only
-    # \t\n\r\v\f of the control characters as spaces and drops the rest.
+@pytest.mark.parametrize("space", ["\x85", "\u2028", "\u2029", "\u3000"])
+def test_every_unicode_space_separates_words(name, space):
     tokenizer = tokenizer_with(name, 16, "error")
-    assert tokenizer.decode(tokenizer(["red\x85circle"]).ids[0]) == "red circle"
+    assert tokenizer.decode(tokenizer([f"red{space}circle"]).ids[0]) == "red circle"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

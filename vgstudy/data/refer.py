@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from vgstudy.data.sample import Sample
+from vgstudy.data.tokenizers import visible_text
 from vgstudy.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -279,8 +280,8 @@ def _parse_entry(item: Any, layout: DatasetLayout, image_root: Path, source: str
     if not isinstance(text, str):
         raise DataError(f"phrase is a {type(text).__name__}: expected a str")
     text = text.strip()
-    if not text:
-        raise DataError("phrase is empty; expected a referring expression")
+    if not visible_text(text).strip():  # what the tokenisers would see: nothing, an error mid-training otherwise
+        raise DataError(f"phrase {text[:40]!r} is empty (no visible characters); expected a referring expression")
     if len(text) > max_text_chars:
         raise DataError(f"phrase has {len(text)} characters; expected at most max_text_chars={max_text_chars}")
     family = None
@@ -299,6 +300,12 @@ def _parse_entry(item: Any, layout: DatasetLayout, image_root: Path, source: str
 
 
 def _parse_box(box: Any, layout: DatasetLayout) -> tuple[float, float, float, float]:
+    if isinstance(box, torch.Tensor):
+        if box.is_meta:
+            raise DataError(
+                f"box is a {tuple(box.shape)} tensor on the meta device, which holds no values; expected 4 numbers"
+            )
+        box = box.to_dense() if box.layout != torch.strided else box  # a sparse tensor's values are its dense ones
     if isinstance(box, (torch.Tensor, np.ndarray)):
         box = box.tolist()
     if (

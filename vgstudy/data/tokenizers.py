@@ -10,6 +10,7 @@ token ([SEP] or CLIP's EOT). Control characters are removed first; an expression
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,15 @@ class _ClipVocabulary:
         self.pad_id = 0  # CLIP pads with 0 (which is also the id of "!"; the mask tells them apart)
         self.vocab_size = self._bpe.vocab_size
 
-    def encode(self, text: str) -> list[int]:
-        return self._bpe.encode(text)
+    # No BPE token spans more than 32 characters, so the first n tokens of a word lie in its first 32 n characters.
+    max_token_chars = 32
+
+    def encode(self, text: str, max_tokens: int) -> list[int]:
+        """BPE ids of `text`; words are cut to the characters their first `max_tokens` tokens can span, because
+        BPE's time grows with the square of a word's length (a 12k-letter word took 15 s) and a longer word
+        overflows any `max_tokens` anyway."""
+        longest = max_tokens * self.max_token_chars
+        return self._bpe.encode(re.sub(rf"\S{{{longest + 1},}}", lambda m: m.group(0)[:longest], text))
 
     def decode(self, ids: list[int]) -> str:
         return self._bpe.decode(ids).strip()
@@ -67,7 +75,8 @@ class _WordPieceVocabulary:
         if None in (self.start_id, self.end_id, self.pad_id):
             raise ConfigError(f"BERT vocabulary folder {folder}: expected [CLS], [SEP] and [PAD] tokens")
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, max_tokens: int) -> list[int]:
+        # WordPiece is linear in the text (a word over 100 characters is one [UNK]): nothing to bound.
         return self._wordpiece.encode(text, add_special_tokens=False, verbose=False)
 
     def decode(self, ids: list[int]) -> str:
@@ -114,10 +123,10 @@ class Tokenizer:
     def _encode(self, position: int, text: str) -> list[int]:
         if not isinstance(text, str):
             raise DataError(f"{self.name} tokenizer: text at batch position {position} is a {type(text).__name__}")
-        cleaned = _without_control_characters(text).strip()
+        cleaned = visible_text(text).strip()
         if not cleaned:
             raise DataError(f"{self.name} tokenizer: text at batch position {position} is empty; expected words")
-        pieces = self._vocabulary.encode(cleaned)
+        pieces = self._vocabulary.encode(cleaned, self.max_len)
         if not pieces:
             raise DataError(
                 f"{self.name} tokenizer: text at batch position {position} ({text[:40]!r}) has no tokens in the "
@@ -157,10 +166,9 @@ def build_tokenizer(name: str, max_len: int, *, on_overflow: str = "truncate") -
     return Tokenizer(name, vocabulary, max_len, on_overflow)
 
 
-def _without_control_characters(text: str) -> str:
-    """Whitespace controls become spaces; other control/format/unassigned/surrogate characters are dropped."""
+def visible_text(text: str) -> str:
+    """`text` as the tokenisers read it: every Unicode space (NEL and the line separators included) becomes a space;
+    other control, format, unassigned and surrogate characters are dropped. Empty after `.strip()`: no words."""
     return "".join(
-        " " if char in "\t\n\r\v\f" else char
-        for char in text
-        if char in "\t\n\r\v\f" or unicodedata.category(char)[0] != "C"
+        " " if char.isspace() else char for char in text if char.isspace() or unicodedata.category(char)[0] != "C"
     )
