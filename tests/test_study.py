@@ -418,3 +418,35 @@ def test_parallel_sweep_and_report_on_notebook_00(tmp_path, capsys, monkeypatch)
     table = capsys.readouterr().out
     assert "2 finished runs, in one group" in table
     assert "| baselines.random object.val.acc50 |" in table and "(2) |" in table
+
+
+@pytest.mark.slow
+def test_sweep_of_two_parameters_and_two_seeds_in_shards_with_a_killed_run_resumed(tmp_path, capsys, monkeypatch):
+    """A real notebook (00, tiny profile): a 2 x 2 grid x 2 seeds, two shards, one run killed and resumed, a report."""
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    out = tmp_path / "runs"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "notebook: '00'\nparameters: {n_train: 100}\ngrid: {image_size: [96, 128], n_eval: [40, 80], seed: [0, 1]}\n"
+    )
+    runs = study.plan_sweep(study.load_sweep(sweep), {"out_dir": str(out)})
+    assert len(runs) == 8
+    assert main(["sweep", str(sweep), "--out", str(out), "--shard", "0/2"]) == 0
+    assert capsys.readouterr().out.split().count("done") == 4
+    # Shard 1 is "killed" after its first run started: run.json says running and there are no results.
+    killed = runs[1]
+    assert main(["sweep", str(sweep), "--out", str(out), "--shard", "1/2"]) == 0
+    capsys.readouterr()
+    record = read_json(killed.run_dir / "run.json")
+    (killed.run_dir / "results.json").unlink()
+    (killed.run_dir / "run.json").write_text(json.dumps({**record, "status": "running", "ended": None}))
+    assert main(["sweep", str(sweep), "--out", str(out)]) == 2  # unfinished work is not silently redone
+    assert f"{killed.run_dir}: unfinished" in capsys.readouterr().err
+    assert main(["sweep", str(sweep), "--out", str(out), "--resume"]) == 0
+    assert capsys.readouterr().out.split().count("skipped") == 7
+    assert all(study.run_state(run.run_dir) == "done" for run in runs)
+    assert main(["report", str(out), "--by", "image_size,n_eval"]) == 0
+    table = capsys.readouterr().out
+    assert "8 finished runs" in table
+    assert "image_size=96, n_eval=40" in table and "(2) |" in table
+    print(table)
