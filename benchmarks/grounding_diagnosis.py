@@ -1,7 +1,7 @@
 """Why the tiny profile's grounding models stay near chance: the token features and the fusion head, measured apart.
 
     .venv/bin/python benchmarks/grounding_diagnosis.py [--features oracle vit-tiny] [--steps 1500] [--n-train 2000]
-        [--batch-size 16] [--quick] [--out runs/bench/grounding_diagnosis]
+        [--batch-size 16] [--object-scale 1.0] [--quick] [--out runs/bench/grounding_diagnosis]
 
 Every run trains only a *reader* on frozen per-token features, so a step costs milliseconds and the two possible
 bottlenecks separate:
@@ -164,7 +164,7 @@ def train(reader, data, target, steps, batch_size, lr, seed) -> dict:
     }
 
 
-def build_data(features: str, n_train: int, n_val: int, seed: int, text_tower) -> dict:
+def build_data(features: str, n_train: int, n_val: int, seed: int, text_tower, object_scale: float = 1.0) -> dict:
     data = {}
     vision = None
     if features in ("vit-tiny", "random"):
@@ -177,7 +177,7 @@ def build_data(features: str, n_train: int, n_val: int, seed: int, text_tower) -
             vision = build_backbone("dinov2:tiny")
         vision.eval()
     for split, n in (("train", n_train), ("val", n_val)):
-        dataset = SynthRef(split, n, seed=seed)
+        dataset = SynthRef(split, n, seed=seed, object_scale=object_scale)
         expressions = [dataset.expression(i) for i in range(n)]
         scenes = [scene for _, _, scene in expressions]
         oracle, largest = oracle_tokens(scenes)
@@ -209,6 +209,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--object-scale", type=float, default=1.0, help="SynthRef's object size multiplier")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="100 steps on 200 samples: checks the script runs")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/grounding_diagnosis"))
@@ -222,7 +223,7 @@ def main() -> None:
     rows = []
     for features in args.features:
         start = time.perf_counter()
-        data = build_data(features, args.n_train, args.n_val, args.seed, text_tower)
+        data = build_data(features, args.n_train, args.n_val, args.seed, text_tower, args.object_scale)
         feature_s = time.perf_counter() - start
         visual_dim, text_dim = data["train"]["visual"].shape[-1], data["train"]["text"].shape[-1]
         num_visual, num_text = data["train"]["visual"].shape[1], data["train"]["text"].shape[1]
@@ -253,7 +254,10 @@ def main() -> None:
         "rows": rows,
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
-    print(f"\n{args.steps} steps, batch {args.batch_size}, {args.n_train} training samples, lr {args.lr:g}")
+    print(
+        f"\n{args.steps} steps, batch {args.batch_size}, {args.n_train} training samples, lr {args.lr:g}, "
+        f"object scale {args.object_scale:g}"
+    )
     print("| features | target | reader | train Acc@0.5 | val Acc@0.5 | ms/step |\n|---|---|---|---|---|---|")
     for row in rows:
         print(

@@ -478,3 +478,23 @@ def test_index_out_of_range():
             data[index]
         with pytest.raises(IndexError):
             data.scene(index)
+
+
+def test_object_scale_grows_the_objects_and_scale_one_changes_nothing():
+    default, same = SynthRef("val", 40, seed=3), SynthRef("val", 40, seed=3, object_scale=1.0)
+    assert all(default.expression(i) == same.expression(i) for i in range(len(default)))
+    big = SynthRef("val", 40, seed=3, object_scale=1.6)
+
+    def mean_radius(data):
+        return np.mean([obj.radius for i in range(len(data)) for obj in data.scene(i).objects])
+
+    assert 1.45 < mean_radius(big) / mean_radius(default) < 1.75  # drawn from the same ranges, x 1.6
+    sample = big[0]
+    assert sample.image.shape == (3, 128, 128) and sample.box_xyxy.min() >= 0 and sample.box_xyxy.max() <= 128
+    assert "object_scale=1.6" in repr(big) and "object_scale" not in repr(default)
+
+
+@pytest.mark.parametrize("bad", [0.3, 2.5, "1.5", True, float("nan")])
+def test_object_scale_out_of_range_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="object_scale must be a number in"):
+        SynthRef("val", 4, object_scale=bad)

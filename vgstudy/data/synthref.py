@@ -416,13 +416,13 @@ def _draw_attributes(rng: np.random.Generator, n: int, family: str) -> list[tupl
 
 
 def _draw_layout(
-    rng: np.random.Generator, attributes: list[tuple[str, str, str]], size: int
+    rng: np.random.Generator, attributes: list[tuple[str, str, str]], size: int, object_scale: float = 1.0
 ) -> list[tuple[float, float, float, float]] | None:
     """(cx, cy, radius, rotation_deg) per object, inside the image and not piled up; None when it does not fit."""
     placed: list[tuple[float, float, float, float]] = []
     for shape, _, size_class in attributes:
         low, high = _RADIUS_RANGE[size_class]
-        r = float(rng.uniform(low, high)) * size
+        r = float(rng.uniform(low, high)) * size * object_scale
         rotation = 0.0 if shape in ("circle", "ring") else float(rng.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG))
         pad = _EXTENT * r + 1
         for _ in range(30):
@@ -525,12 +525,13 @@ def _draw_sample(
     min_objects: int,
     max_objects: int,
     source: str,
+    object_scale: float = 1.0,
 ) -> _Generated:
     """Draw scenes from `rng` until one has a clear expression of `family`."""
     for _ in range(_MAX_ATTEMPTS):
         n = int(rng.integers(min_objects, max_objects + 1))
         attributes = _draw_attributes(rng, n, family)
-        layout = _draw_layout(rng, attributes, size)
+        layout = _draw_layout(rng, attributes, size, object_scale)
         if layout is None:
             continue
         order = [int(i) for i in rng.permutation(n)]  # drawing order, back to front; the target is attributes[0]
@@ -627,6 +628,9 @@ class SynthRef(Dataset):
                   an anchor.
     families:     expression families to draw from, uniformly (default: all the split allows; testA only
                   "attribute", testB the other three); asking for a family the split excludes is an error.
+    object_scale: multiplies every object's size (in [0.5, 2]; 1: radii of 6-14 % of the image side, a target of
+                  about 4 % of the image, small next to a 16-pixel patch grid; RefCOCO's targets are larger).
+                  Scale 1 draws exactly the scenes it always did.
     """
 
     def __init__(
@@ -639,6 +643,7 @@ class SynthRef(Dataset):
         min_objects: int = 3,
         max_objects: int = 6,
         families: Sequence[str] | None = None,
+        object_scale: float = 1.0,
     ):
         if split not in SPLITS:
             raise ConfigError(f"SynthRef: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -653,6 +658,9 @@ class SynthRef(Dataset):
                 f"SynthRef: need min_objects <= max_objects <= {_MAX_OBJECTS}, "
                 f"got min_objects={min_objects}, max_objects={max_objects}"
             )
+        if isinstance(object_scale, bool) or not isinstance(object_scale, int | float) or not 0.5 <= object_scale <= 2:
+            raise ConfigError(f"SynthRef: object_scale must be a number in [0.5, 2], got {object_scale!r}")
+        self.object_scale = float(object_scale)
         allowed = SPLIT_FAMILIES[split]
         if families is None:
             self.families = allowed
@@ -677,7 +685,8 @@ class SynthRef(Dataset):
     def __repr__(self) -> str:
         return (
             f"SynthRef(split={self.split!r}, n={self.n}, seed={self.seed}, image_size={self.image_size}, "
-            f"objects={self.min_objects}-{self.max_objects}, families={list(self.families)})"
+            f"objects={self.min_objects}-{self.max_objects}, families={list(self.families)}"
+            + (f", object_scale={self.object_scale:g})" if self.object_scale != 1 else ")")
         )
 
     def _source(self, index: int) -> str:
@@ -693,7 +702,9 @@ class SynthRef(Dataset):
         # An independent stream per sample: any index is reachable directly, splits and seeds never share scenes.
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, SPLITS.index(self.split), index]))
         family = _pick(rng, self.families)
-        return _draw_sample(rng, family, self.image_size, self.min_objects, self.max_objects, self._source(index))
+        return _draw_sample(
+            rng, family, self.image_size, self.min_objects, self.max_objects, self._source(index), self.object_scale
+        )
 
     def expression(self, index: int) -> tuple[str, str, Scene]:
         """(text, family, scene) of sample `index`, without rendering: the same text `__getitem__` gives."""
