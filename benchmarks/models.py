@@ -30,17 +30,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import dataclasses
 import functools
-import gc
 import importlib.metadata
 import json
 import os
 import platform
 import re
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,8 +44,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from vgstudy.compare import Deadline, PeakMemory, StepRunner, measure, measurement_batch, uses_bf16
 from vgstudy.errors import ConfigError
 
 # The study's four methods: paper size first in each group's baseline, then the small configs that the tiny profile
@@ -68,7 +63,6 @@ DEFAULT_BATCH_SIZES = {
 DEFAULT_STEPS = {"paper": 2, "small": 3}
 VERSIONED_PACKAGES = ("torch", "torchvision", "open_clip_torch", "timm", "transformers", "peft", "numpy", "vgstudy")
 MODES = ("inference", "training")
-MB = 2**20
 
 
 def size_group(name: str) -> str:
@@ -117,10 +111,6 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def uses_bf16(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
 def machine_info(device: torch.device, threads: int, load_at_start: Sequence[float] | None) -> dict:
     """Where the figures come from: CPU, cores, threads, load (other processes slow a shared CPU), GPU, versions."""
     cpu = platform.processor() or platform.machine()
@@ -152,199 +142,15 @@ def load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-class PeakMemory:
-    """The peak memory of one measurement, in MiB: `reset()` at its start, `peak_mb()` at its end.
-
-    CUDA: torch.cuda.max_memory_allocated. CPU (Linux): the resident set's high-water mark (VmHWM) above `baseline`,
-    reset through /proc/self/clear_refs after freed heap memory is handed back (malloc_trim), so an earlier
-    measurement's cached memory does not count. Elsewhere: ru_maxrss, a high-water mark since the process started.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.baseline_mb = 0.0
-        self.resettable = device.type == "cuda" or self._clear_refs()
-        self.method = (
-            "torch.cuda.max_memory_allocated"
-            if device.type == "cuda"
-            else "peak RSS (VmHWM, reset per measurement) above the RSS before the model was built"
-            if self.resettable
-            else "peak RSS since the process started (ru_maxrss) above the RSS before the model was built"
-        )
-
-    @staticmethod
-    def _status_mb(field: str) -> float | None:
-        with contextlib.suppress(OSError):
-            match = re.search(rf"^{field}:\s*(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-            if match:
-                return int(match.group(1)) / 1024
-        return None
-
-    @staticmethod
-    def _clear_refs() -> bool:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
-            return True
-        except OSError:
-            return False
-
-    @staticmethod
-    def _release_freed() -> None:
-        gc.collect()
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-    def current_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device) / MB
-        rss = self._status_mb("VmRSS")
-        return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    def set_baseline(self) -> None:
-        self._release_freed()
-        self.baseline_mb = 0.0 if self.device.type == "cuda" else self.current_mb()
-
-    def reset(self) -> None:
-        self._release_freed()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.resettable:
-            self._clear_refs()
-
-    def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / MB
-        peak = self._status_mb("VmHWM") if self.resettable else None
-        if peak is None:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-        return peak - self.baseline_mb
-
-
 # --- One model --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Deadline:
-    """The time a model may take; a step is started only when the last one says it will fit."""
-
-    budget_s: float | None
-    start: float = dataclasses.field(default_factory=time.perf_counter)
-
-    def fits(self, seconds: float) -> bool:
-        return self.budget_s is None or time.perf_counter() - self.start + seconds <= self.budget_s
 
 
 def input_batches(model: torch.nn.Module, batch_sizes: Sequence[int], device: torch.device) -> dict[int, dict]:
     """SynthRef samples through the model's own eval transform, one collated batch per size, on `device`."""
-    from vgstudy.data import GroundingTransform, SynthRef, TransformedDataset, collate
+    from vgstudy.data import SynthRef
 
-    transform = GroundingTransform(dataclasses.replace(model.transform, train=False))
-    samples = TransformedDataset(SynthRef("train", max(batch_sizes), seed=0), transform)
-    items = [samples[i] for i in range(len(samples))]
-    batches = {}
-    for size in batch_sizes:
-        batch = collate(items[:size])
-        batches[size] = {
-            "images": batch["images"].to(device),
-            "texts": batch["texts"],
-            "boxes_cxcywh": batch["boxes_cxcywh"].to(device),
-        }
-    return batches
-
-
-class StepRunner:
-    """One inference or training step of `model` on a batch, synchronised so that wall time is the step's."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device):
-        from vgstudy.losses import BoxCriterion
-
-        self.model, self.device = model, device
-        self.criterion = BoxCriterion()
-        self.bf16 = uses_bf16(device)
-        self.optimizer: torch.optim.Optimizer | None = None
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def begin(self, mode: str) -> None:
-        """Before a measurement: the mode's train/eval state and, for training, a fresh optimiser (its state is
-        allocated inside the measurement, as in a real run)."""
-        self.model.train(mode == "training")
-        self.optimizer = None
-        if mode == "training":
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            fused = True if self.device.type == "cuda" else None
-            self.optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-4, fused=fused)
-
-    def end(self) -> None:
-        """After a measurement: drop gradients and optimiser state, so the next one starts from the weights."""
-        self.optimizer = None
-        self.model.zero_grad(set_to_none=True)
-
-    def step(self, mode: str, batch: dict, flops: dict | None = None) -> float:
-        """Run one step; its wall time in seconds. A training step given `flops` also counts FLOPs per sample into
-        it: "inference" for the forward, "training" for forward + backward (a training step, because
-        FlopCounterMode follows modules through autograd, which inference_mode switches off)."""
-        self._sync()
-        start = time.perf_counter()
-        if mode == "inference":
-            with torch.inference_mode(), self._autocast():
-                self.model(batch["images"], batch["texts"])
-        else:
-            counter = FlopCounterMode(display=False) if flops is not None else None
-            with counter or contextlib.nullcontext():
-                with self._autocast():
-                    loss = self.criterion(self.model(batch["images"], batch["texts"]), batch)["loss"]
-                forward = counter.get_total_flops() if counter else 0
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            if counter:
-                size = len(batch["texts"])
-                flops.update(inference=forward / size, training=counter.get_total_flops() / size)
-            self.optimizer.step()
-        self._sync()
-        return time.perf_counter() - start
-
-
-def measure(
-    runner: StepRunner,
-    memory: PeakMemory,
-    mode: str,
-    batch: dict,
-    steps: int,
-    deadline: Deadline,
-    log: Callable[[str], None],
-    flops: dict | None = None,
-) -> dict:
-    """A warm-up step (counting FLOPs into `flops` when given) + up to `steps` timed steps (at least one) of one
-    mode at one batch size."""
-    size = len(batch["texts"])
-    memory.reset()
-    runner.begin(mode)
-    warmup_s = runner.step(mode, batch, flops)
-    times = [runner.step(mode, batch)]
-    while len(times) < steps and deadline.fits(times[-1]):
-        times.append(runner.step(mode, batch))
-    peak = memory.peak_mb()
-    runner.end()
-    step_s = statistics.median(times)
-    result = {
-        "mode": mode,
-        "batch": size,
-        "steps": len(times),
-        "step_s": step_s,
-        "step_times_s": times,
-        "warmup_s": warmup_s,
-        "samples_per_s": size / step_s,
-        "peak_mb": peak,
-    }
-    note = f" (of {steps}: over the time budget)" if len(times) < steps else ""
-    log(f"{mode} batch {size}: {step_s:.3f} s/step x {len(times)}{note}, peak {peak:,.0f} MiB")
-    return result
+    samples = SynthRef("train", max(batch_sizes), seed=0)
+    return {size: measurement_batch(model, samples, size, device) for size in batch_sizes}
 
 
 def measure_model(

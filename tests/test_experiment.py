@@ -49,6 +49,13 @@ def test_backbones_params_check_variants_and_paper_weights():
     with pytest.raises(ConfigError, match="detr_weights") as error:
         load({"profile": "paper"}, BackbonesParams)
     assert "clip_weights" in str(error.value) and "bert_weights" in str(error.value)
+    # Only the weights the chosen variants load are required.
+    with pytest.raises(ConfigError) as error:
+        load({"profile": "paper", "variants": "clip"}, BackbonesParams)
+    assert "clip_weights" in str(error.value) and "bert_weights" not in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        load({"profile": "paper", "variants": "random"}, BackbonesParams)
+    assert "bert_weights" in str(error.value) and "detr_weights" not in str(error.value)
 
 
 @pytest.mark.parametrize("path", sorted(PARAMS_DIR.glob("*.yaml")), ids=lambda p: p.name)

@@ -33,11 +33,9 @@ def eval_split_names(params: DataParams) -> tuple[str, ...]:
 def grounding_data(params: DataParams) -> tuple[Dataset, dict[str, Dataset]]:
     """(train set, {split: eval set}) of raw samples for the parameters' data set (SynthRef: n_train / n_eval)."""
     if params.dataset == "synthref":
-        train = SynthRef("train", params.n_train, seed=params.seed, image_size=params.image_size)
-        evals = {
-            split: SynthRef(split, params.n_eval, seed=params.seed, image_size=params.image_size)
-            for split in eval_split_names(params)
-        }
+        options = {"seed": params.seed, "image_size": params.image_size, "object_scale": params.object_scale}
+        train = SynthRef("train", params.n_train, **options)
+        evals = {split: SynthRef(split, params.n_eval, **options) for split in eval_split_names(params)}
         return train, evals
     load = dict(root=params.data_root, dataset=params.dataset, image_root=params.image_root)
     return load_split(split="train", **load), {

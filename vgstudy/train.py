@@ -652,7 +652,9 @@ class Trainer:
         epoch = self._epochs_before(progress.stage_index) + progress.epoch_in_stage
         stage_steps = self.steps_per_epoch * stage.epochs
         loader = self._train_loader(epoch, skip=progress.batch_in_epoch)
-        bar_options = {} if self.processes.main else {"disable": True}  # tqdm reads TQDM_DISABLE unless overridden
+        # tqdm reads TQDM_DISABLE, but its notebook bar (tqdm.auto under Jupyter) does not: ask it here too.
+        quiet = not self.processes.main or os.environ.get("TQDM_DISABLE", "") in ("1", "true", "True")
+        bar_options = {"disable": True} if quiet else {}
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=progress.batch_in_epoch,

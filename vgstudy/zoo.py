@@ -587,7 +587,8 @@ def pretrain(spec: PretrainSpec, *, device: str = "cpu", label: str | None = Non
         window: dict[str, list[float]] = {}
         train_start = time.perf_counter()
         objective.train()
-        for step in tqdm(range(spec.steps), desc=f"pretraining {label or spec.backbone}", unit="step"):
+        quiet = os.environ.get("TQDM_DISABLE", "") in ("1", "true", "True")  # tqdm's notebook bar ignores it
+        for step in tqdm(range(spec.steps), desc=f"pretraining {label or spec.backbone}", unit="step", disable=quiet):
             indices = next(batches)
             flips = torch.rand(len(indices), generator=generator) < 0.5
             images = train_bank.images[indices]
