@@ -35,16 +35,19 @@ Small configs (JSON files in vgstudy/models/configs/) keep the architecture of t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
+import logging
 import math
+import os
 import pickle
 import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -583,6 +586,17 @@ def _from_detr_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 # --- The factory ----------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _root_log_level(level: int) -> Iterator[None]:
+    """The root logger at `level` for the duration of the block."""
+    before = logging.root.level
+    logging.root.setLevel(level)
+    try:
+        yield
+    finally:
+        logging.root.setLevel(before)
+
+
 def _config_files() -> dict[str, Path]:
     """Backbone name -> its JSON file: `clip-tiny.json` is "clip:tiny", `resnet50+detr.json` is "resnet50+detr"."""
     return {path.stem.replace("-", ":", 1): path for path in sorted(CONFIG_DIR.glob("*.json"))}
@@ -662,7 +676,12 @@ def _build_clip(name: str, weights: str | Path | None, image_size: int | None, o
     tag = weights.removeprefix("tag:") if isinstance(weights, str) and weights.startswith("tag:") else None
     path = None if tag else _checked_weights_path(name, weights, folder_allowed=False)
     try:
-        model = open_clip.create_model(model_name, pretrained=tag, force_custom_text=True, force_image_size=image_size)
+        # open_clip warns on the root logger that no pretrained weights were loaded: here that is the request (the
+        # weights, if any, are loaded from `path` below), so the warning would only mislead.
+        with _root_log_level(logging.ERROR if tag is None else logging.root.level):
+            model = open_clip.create_model(
+                model_name, pretrained=tag, force_custom_text=True, force_image_size=image_size
+            )
     except RuntimeError as error:
         raise CheckpointError(f"{name!r} with weights={weights!r}: {error}") from error
     if not (
@@ -790,6 +809,10 @@ def _bert_from_folder(folder: Path, name: str, architecture: Any) -> nn.Module:
     ]
     if differences:
         raise CheckpointError(f"weights folder {folder} does not fit {name!r}: " + ", ".join(differences))
+    if os.environ.get("TQDM_DISABLE", "") in ("1", "true", "True"):  # transformers' loading bar ignores it
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         bert, info = BertModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
