@@ -186,25 +186,22 @@ if params.profile != "paper":
 
 # %%
 def build_variant(variant: str):
-    """TransVG with the variant's backbones, for the active profile."""
+    """(TransVG with the variant's backbones for the active profile, its model card: registered name + overrides)."""
     frozen = {"freeze_visual": params.freeze_backbones, "freeze_text": params.freeze_backbones}
     if params.profile == "paper":
         if variant == "clip":
-            return build(
-                "transvg-r50",
-                visual="clip:ViT-B-16",
-                text="clip:ViT-B-16",
-                visual_weights=params.clip_weights,
-                **frozen,
-            )
-        weights = {"visual_weights": params.detr_weights, "text_weights": params.bert_weights}
-        return build("transvg-r50", **(weights if variant == "unimodal" else {}), **frozen)
+            clip = {"visual": "clip:ViT-B-16", "text": "clip:ViT-B-16", "visual_weights": params.clip_weights}
+            return build("transvg-r50", **clip, **frozen), ("transvg-r50", {**clip, **frozen})
+        # random: the visual branch from scratch, BERT pretrained (as in the tiny profile); unimodal: both pretrained.
+        weights = {"visual_weights": params.detr_weights} if variant == "unimodal" else {}
+        weights["text_weights"] = params.bert_weights
+        return build("transvg-r50", **weights, **frozen), ("transvg-r50", {**weights, **frozen})
+    # The small backbones come from the zoo; the checkpoint holds their weights, so the card names only the model.
     if variant == "clip":
-        return build(
-            "transvg-tiny-clip", visual_module=pretrained["clip-tiny"], text_module=pretrained["clip-tiny"], **frozen
-        )
+        modules = {"visual_module": pretrained["clip-tiny"], "text_module": pretrained["clip-tiny"]}
+        return build("transvg-tiny-clip", **modules, **frozen), ("transvg-tiny-clip", frozen)
     visual = pretrained["vit-tiny"] if variant == "unimodal" else build_backbone("dinov2:tiny")
-    return build("transvg-tiny", visual_module=visual, **frozen)
+    return build("transvg-tiny", visual_module=visual, **frozen), ("transvg-tiny", {"visual": "dinov2:tiny", **frozen})
 
 
 train_samples, eval_samples = grounding_data(params)
@@ -213,7 +210,7 @@ splits = eval_split_names(params)
 results = {}
 for variant in params.variant_list():
     torch.manual_seed(params.seed)
-    model = build_variant(variant)
+    model, card = build_variant(variant)
     scale = {} if params.freeze_backbones else {"visual.": params.backbone_lr_scale, "text.": params.backbone_lr_scale}
     stage = Stage("train", epochs=params.epochs, lr=params.lr, lr_scale=scale, warmup_steps=10)
     results[variant] = train_and_evaluate(
@@ -226,6 +223,7 @@ for variant in params.variant_list():
         seed=params.seed,
         device=params.device,
         params={"variant": variant, **vgstudy.config.as_dict(params)},
+        model_card=card,
     )
     counts = describe(model)
     results[variant]["parameters"] = {"total": counts["total"], "trainable": counts["trainable"]}
