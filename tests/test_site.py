@@ -89,9 +89,7 @@ def test_pages_render_in_headless_chromium_with_their_figures(site):
             view.on("request", lambda r: remote.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
             for name, figures in [("index.html", 0)] + [(p.file, p.figures) for p in pages]:
                 view.goto((out / name).as_uri(), wait_until="load")
-                rendered = view.evaluate(
-                    "() => Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)"
-                )
+                rendered = view.evaluate("() => Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
                 assert len(rendered) == figures, f"{name}: {len(rendered)} images in the page, expected {figures}"
                 assert all(rendered), f"{name}: images {[i for i, ok in enumerate(rendered) if not ok]} did not render"
                 headings = view.locator("h1").count()

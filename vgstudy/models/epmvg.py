@@ -308,15 +308,18 @@ class EpmVGR(nn.Module):
         output = self.student(images, texts, valid)
         if not self.training:
             return output
-        aux = output.aux
+        output.aux.update({f"{name}_embedding": value for name, value in self.embed(output.aux).items()})
+        return output
+
+    def embed(self, aux: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The student's aux (as its Output gives it, in either mode) -> {"image", "text", "region"}: the pooled
+        visual tokens, pooled text tokens and [REG] output through their projections, L2-normalised, (B, De) each."""
         pooled = {
             "image": masked_mean(aux["visual_tokens"], aux["visual_mask"]),  # (B, dim)
             "text": masked_mean(aux["text_tokens"], aux["text_mask"]),  # (B, dim)
             "region": aux["reg"],  # (B, dim)
         }
-        for name, feature in pooled.items():
-            aux[f"{name}_embedding"] = F.normalize(self.projections[name](feature), dim=-1)  # (B, De)
-        return output
+        return {name: F.normalize(self.projections[name](feature), dim=-1) for name, feature in pooled.items()}
 
     def inference_parameters(self) -> int:
         """Parameters used at inference: the student's (the projections and teacher are training-only)."""

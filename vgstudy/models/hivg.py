@@ -476,11 +476,18 @@ class HiVG(nn.Module):
         return torch.cat(features, dim=-1), tower.project(tower.finish(x))
 
     def _visual_padding(self, images: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """(B, 1 + N) True on patches whose nearest pixel is padding; CLS never."""
+        """(B, 1 + N) True on patches that the release masks; CLS never.
+
+        The release resizes the padding mask to the patch grid with torchvision's `Resize` (bilinear, antialiased)
+        and casts back to bool: a patch is masked when any padding pixel falls in the filter's footprint, i.e. in the
+        patch or within half a patch of it (a letterbox edge masks symmetrically on both sides of the image).
+        """
         b = len(images)
         if valid is None:
             return torch.zeros(b, self.num_visual_tokens, dtype=torch.bool, device=images.device)
-        patches = F.interpolate((~valid.bool())[None].float(), size=self.grid_hw)[0].bool()  # (B, h, w)
+        padding = (~valid.bool())[None].float()  # (1, B, H, W): the batch as channels, as Resize sees it
+        resized = F.interpolate(padding, size=self.grid_hw, mode="bilinear", align_corners=False, antialias=True)
+        patches = resized[0] != 0  # (B, h, w)
         return torch.cat([patches.new_zeros(b, 1), patches.flatten(1)], dim=1)
 
     def _check_inputs(self, images: torch.Tensor, texts: list[str], valid: torch.Tensor | None) -> None:
@@ -577,6 +584,8 @@ class HiVG(nn.Module):
 # --- Registered configurations --------------------------------------------------------------------------------------
 
 _BUILD_ARGUMENTS = ("clip_weights", "clip_module")
+# The CLIP each registered configuration is built on (a `build_backbone` name): what its clip_weights must hold.
+CLIP_BACKBONES = {"hivg-b": HiVGConfig.backbone, "hivg-l": "clip:ViT-L-14-quickgelu", "hivg-tiny": "clip:tiny"}
 
 
 def build_hivg(defaults: dict, overrides: dict) -> HiVG:
@@ -603,11 +612,17 @@ def hivg_b(**overrides) -> HiVG:
 def hivg_l(**overrides) -> HiVG:
     """HiVG-L: OpenAI's CLIP ViT-L/14 (QuickGELU) at 224 px, bridges in blocks 4, 10, 16, 22, features of blocks 5,
     11, 17, 23, head width 768."""
-    return build_hivg({"backbone": "clip:ViT-L-14-quickgelu"}, overrides)
+    return build_hivg({"backbone": CLIP_BACKBONES["hivg-l"]}, overrides)
 
 
 # The tiny profile's head: width 128 (clip:tiny's embedding), as transvg-tiny's fusion: 3 layers, 4 heads, FFN 512.
-_TINY = {"backbone": "clip:tiny", "head_depth": 3, "head_heads": 4, "head_ffn_dim": 512, "token_mlp_dim": 512}
+_TINY = {
+    "backbone": CLIP_BACKBONES["hivg-tiny"],
+    "head_depth": 3,
+    "head_heads": 4,
+    "head_ffn_dim": 512,
+    "token_mlp_dim": 512,
+}
 
 
 @register("hivg-tiny")

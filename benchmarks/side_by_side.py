@@ -1,0 +1,1035 @@
+"""Side by side: vgstudy's HiVG against the released implementation, with the same random weights and the same input.
+
+    HIVG_RELEASE=/path/to/HiVG .venv/bin/python benchmarks/side_by_side.py hivg [--release PATH]
+        [--python /tmp/release-venv/bin/python] [--sizes b,narrow] [--batch 2] [--steps 3] [--threads 1]
+        [--stage stage3] [--seed 0] [--timeout-s 1800] [--out runs/bench/side_by_side]
+
+The release (a local checkout of linhuixiao/HiVG: `--release`, else the HIVG_RELEASE environment variable; it is run,
+never copied) and vgstudy each run in a worker process of their own Python (`--python` for the release: its pins,
+transformers 4.30 and peft 0.3, differ from vgstudy's), driven over a pipe with one JSON line per request. Per size:
+
+1. The release's worker builds its `HiVG(args)` as its training script would (the arguments come from the release's
+   own `get_args_parser`, read out of hivg_train.py without importing its data pipeline) with CLIP at random
+   weights, draws random LoRA B matrices (peft starts them at zero, which would leave the LoRA untested), and saves
+   its state dict as safetensors. vgstudy's worker builds `hivg-b` (text_layout="official", hilora_merge=False, the
+   release's behaviour) in the same HiLoRA stage and loads that file through `vgstudy.convert.hivg.load_release`,
+   strictly.
+2. Agreement (eval mode, fp32): both run the same input files, SynthRef expressions and images through vgstudy's
+   eval transform (ImageNet statistics, as the release normalises), once as they are and once letterboxed (the first
+   image's top and bottom 1.5 patches turned into padding, the way a non-square image arrives). Reported per case:
+   the max abs difference of the boxes (target 1e-4) and of the auxiliary outputs, whether the token ids are equal,
+   and the max abs and relative difference at every stage (text tower, each vision block's attention and MLP, each
+   bridge, the multi-level feature, the head), caught with forward hooks, so a disagreement is located at the first
+   stage that diverges.
+3. Speed (CPU fp32, the same thread count on both sides): training steps (forward, the same L1 + GIoU box loss,
+   backward, AdamW over what each side trains in the stage) and inference (forward under `torch.inference_mode`,
+   tokenisation included), one untimed warm-up step each, then `--steps` timed steps, alternating sides step by step
+   and swapping which side goes first every round, so machine load falls on both alike. Reported: median s/step,
+   samples/s, the ratio vgstudy / release of the medians, and the median and range of the per-round ratios (< 1:
+   vgstudy is faster).
+
+Sizes: "b" is HiVG-B (CLIP ViT-B/16 at 224 px, head width 512, 6 layers); "narrow" keeps the release's fixed depths
+(12 vision and 12 text blocks: its bridge and feature layers and text level are hard-coded for them, and 77 text
+tokens) with narrow widths (vision 192, text 128, head 128 with 4 heads and FFN 512) at 112 px, for a quick run.
+
+The release runs unmodified; the worker makes three changes in its own process only: `CLIPModel.from_pretrained`
+builds a `CLIPModel` from a `CLIPConfig` at random weights (no hub, no files); utils/misc.py is imported with
+torchvision's version string read as "0.99" (it parses "0.29" as 0.2 and would import helpers that torchvision no
+longer has); `pkg_resources.packaging` is provided from `packaging` where setuptools no longer ships pkg_resources.
+
+A Python for the release (outside the repository):
+    python3.11 -m venv /tmp/release-venv
+    /tmp/release-venv/bin/pip install transformers==4.30.0 peft==0.3.0 safetensors ftfy regex "numpy<2"
+    /tmp/release-venv/bin/pip install torch==2.14.1 torchvision==0.29.1   # again: peft's resolver may pick another
+
+Writes results.json and results.md under --out (with each worker's log) and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import select
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import types
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+try:
+    from vgstudy.errors import ConfigError
+except ImportError:  # the release's Python, which runs only the release's worker and needs nothing of vgstudy
+    ConfigError = ValueError
+
+SCRIPT = Path(__file__).resolve()
+METHODS = ("hivg",)
+SIDES = ("ours", "release")
+STAGES = ("warmup", "stage1", "stage2", "stage3")  # the release's --hi_lora_stage 0 ... 3
+BOX_TOLERANCE = 1e-4  # the target: boxes agree to 1e-4 in fp32
+RELATIVE_TOLERANCE = 1e-4  # a stage "diverges" past this max abs difference relative to the release's max abs value
+METADATA_KEY = "side_by_side"  # safetensors metadata: one JSON string under this key
+RELEASE_VERSIONS = ("torch", "torchvision", "transformers", "peft", "safetensors", "numpy")
+OUR_VERSIONS = ("torch", "torchvision", "open_clip_torch", "transformers", "peft", "safetensors", "numpy", "vgstudy")
+
+
+class SideBySideError(RuntimeError):
+    """A worker failed, hung, or the two sides cannot be compared."""
+
+
+# --- Sizes ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Size:
+    """One architecture, built alike on both sides. Both towers have 12 blocks and the text 77 tokens (the release's
+    layer choices for ViT-B/16 need them); patches are 16 px."""
+
+    name: str
+    image_size: int
+    vision_width: int
+    vision_heads: int
+    text_width: int
+    text_heads: int
+    embed_dim: int  # CLIP's projection, and the head's width
+    head_depth: int
+    head_heads: int
+    head_ffn: int
+    depth: int = 12
+    text_len: int = 77
+    patch: int = 16
+
+    @property
+    def bridge_layers(self) -> tuple[int, ...]:
+        return (0, 3, 7, 11)  # the release's for ViT-B/16
+
+    def release_arguments(self, stage: str) -> list[str]:
+        """The release's command-line arguments for this size (its fine-tuning recipe on RefCOCO)."""
+        return [
+            "--model", "ViT-B/16", "--dataset", "unc", "--imsize", str(self.image_size),
+            "--max_query_len", str(self.text_len), "--normalize_before", "--enable_adaptive_weights",
+            "--hi_lora_stage", str(STAGES.index(stage)), "--vl_hidden_dim", str(self.embed_dim),
+            "--vl_nheads", str(self.head_heads), "--vl_dim_feedforward", str(self.head_ffn),
+            "--vl_enc_layers", str(self.head_depth),
+        ]  # fmt: skip
+
+    def clip_config(self) -> dict:
+        """transformers' CLIPConfig arguments (QuickGELU, its default, as OpenAI's CLIP)."""
+        return {
+            "text_config": {
+                "hidden_size": self.text_width,
+                "intermediate_size": 4 * self.text_width,
+                "num_hidden_layers": self.depth,
+                "num_attention_heads": self.text_heads,
+                "max_position_embeddings": self.text_len,
+                "vocab_size": 49408,
+            },
+            "vision_config": {
+                "hidden_size": self.vision_width,
+                "intermediate_size": 4 * self.vision_width,
+                "num_hidden_layers": self.depth,
+                "num_attention_heads": self.vision_heads,
+                "image_size": self.image_size,
+                "patch_size": self.patch,
+            },
+            "projection_dim": self.embed_dim,
+        }
+
+    def open_clip_config(self) -> dict:
+        """The same CLIP as an open_clip model config (heads = width / head_width)."""
+        return {
+            "embed_dim": self.embed_dim,
+            "quick_gelu": True,
+            "vision_cfg": {
+                "image_size": self.image_size,
+                "layers": self.depth,
+                "width": self.vision_width,
+                "head_width": self.vision_width // self.vision_heads,
+                "patch_size": self.patch,
+            },
+            "text_cfg": {
+                "context_length": self.text_len,
+                "vocab_size": 49408,
+                "width": self.text_width,
+                "heads": self.text_heads,
+                "layers": self.depth,
+            },
+        }
+
+
+SIZES = {
+    "b": Size("b", 224, 768, 12, 512, 8, 512, 6, 8, 2048),
+    "narrow": Size("narrow", 112, 192, 3, 128, 2, 128, 6, 4, 512),
+}
+
+
+def parse_sizes(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name for name in text.replace(" ", "").split(",") if name))
+    unknown = [name for name in names if name not in SIZES]
+    if not names or unknown:
+        raise ConfigError(f"--sizes {text!r}: expected names from {sorted(SIZES)} separated by commas")
+    return names
+
+
+# --- Exchange format: safetensors with JSON metadata ----------------------------------------------------------------
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """`tensors` (made contiguous and unshared, as safetensors needs) and `meta` (JSON) in one safetensors file."""
+    from safetensors.torch import save_file
+
+    plain = {name: value.detach().contiguous().clone() for name, value in tensors.items()}
+    save_file(plain, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of a file `write_tensors` wrote; any other file is a SideBySideError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = (handle.metadata() or {}).get(METADATA_KEY)
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (OSError, SafetensorError) as error:
+        raise SideBySideError(f"{path}: not a readable safetensors file ({error})") from error
+    if meta is None:
+        raise SideBySideError(f"{path}: a safetensors file without the {METADATA_KEY!r} metadata of this benchmark")
+    return tensors, json.loads(meta)
+
+
+def write_batch(path: Path, images: torch.Tensor, valid: torch.Tensor, boxes_cxcywh: torch.Tensor, texts) -> None:
+    """One input batch: images (B, 3, S, S) float32, valid (B, S, S) bool (True on image pixels), target boxes
+    (B, 4) cxcywh in [0, 1], texts (B strings)."""
+    check_batch(images, valid, boxes_cxcywh, texts, where=str(path))
+    tensors = {"images": images.float(), "valid": valid.bool(), "boxes_cxcywh": boxes_cxcywh.float()}
+    write_tensors(path, tensors, {"kind": "batch", "texts": list(texts)})
+
+
+def read_batch(path: Path) -> dict:
+    """{"images", "valid", "boxes_cxcywh", "texts"} of a `write_batch` file, checked."""
+    tensors, meta = read_tensors(path)
+    if meta.get("kind") != "batch" or not {"images", "valid", "boxes_cxcywh"} <= set(tensors):
+        raise SideBySideError(f"{path}: not an input batch of this benchmark (metadata {meta})")
+    batch = {**tensors, "texts": meta.get("texts")}
+    check_batch(batch["images"], batch["valid"], batch["boxes_cxcywh"], batch["texts"], where=str(path))
+    return batch
+
+
+def check_batch(images, valid, boxes_cxcywh, texts, where: str) -> None:
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+        raise SideBySideError(f"{where}: images of shape {tuple(images.shape)}, expected (B, 3, S, S)")
+    b, size = images.shape[0], images.shape[2]
+    if tuple(valid.shape) != (b, size, size) or valid.dtype != torch.bool:
+        raise SideBySideError(
+            f"{where}: valid of shape {tuple(valid.shape)} {valid.dtype}, expected ({b}, {size}, {size}) bool"
+        )
+    if tuple(boxes_cxcywh.shape) != (b, 4):
+        raise SideBySideError(f"{where}: boxes of shape {tuple(boxes_cxcywh.shape)}, expected ({b}, 4)")
+    if not isinstance(texts, list | tuple) or len(texts) != b or not all(isinstance(t, str) for t in texts):
+        raise SideBySideError(f"{where}: texts {texts!r}, expected a list of {b} strings")
+
+
+# --- Stages caught by forward hooks ---------------------------------------------------------------------------------
+
+
+def stage_names(size: Size) -> list[str]:
+    """The stages compared, in the order the forward pass reaches them."""
+    names = ["text.final_norm", "vision.pre_norm"]
+    for i in range(size.depth):
+        names.append(f"vision.{i}.attention")
+        if i in size.bridge_layers:
+            names.append(f"bridge.{i}")
+        names.append(f"vision.{i}.mlp")
+    return [*names, "features", "head"]
+
+
+def stage_module(stage: str, side: str) -> str:
+    """The module whose output is `stage` on `side`: vgstudy's names, or the release's with peft's wraps removed.
+    Vision blocks contribute their attention and MLP outputs (before the residual sums), bridges the output of their
+    MLP (what they add to the image tokens), the head its final norm."""
+    parts = stage.split(".")
+    fixed = {
+        "text.final_norm": ("clip.text.ln_final", "clip.text_model.final_layer_norm"),
+        "vision.pre_norm": ("clip.visual.ln_pre", "clip.vision_model.pre_layrnorm"),
+        "features": ("feature_proj", "ml_visual_projection"),
+        "head": ("head.final_norm", "vl_transformer.encoder.norm"),
+    }
+    if stage in fixed:
+        return fixed[stage][SIDES.index(side)]
+    if parts[0] == "bridge":
+        return f"bridges.{parts[1]}.mlp" if side == "ours" else f"clip.vision_model.encoder.layers.{parts[1]}.cross_mlp"
+    block, part = parts[1], {"attention": ("attn", "self_attn"), "mlp": ("mlp", "mlp")}[parts[2]]
+    if side == "ours":
+        return f"clip.visual.transformer.resblocks.{block}.{part[0]}"
+    return f"clip.vision_model.encoder.layers.{block}.{part[1]}"
+
+
+def without_peft_wraps(name: str) -> str:
+    return name.replace("base_model.model.", "")
+
+
+@contextlib.contextmanager
+def caught_stages(model: torch.nn.Module, side: str, size: Size, store: dict[str, torch.Tensor]):
+    """Forward hooks that put each stage's output into `store` (batch first: the release's head runs (L, B, C))."""
+    modules = {without_peft_wraps(name): module for name, module in model.named_modules()}
+    handles = []
+    for stage in stage_names(size):
+        name = stage_module(stage, side)
+        if name not in modules:
+            raise SideBySideError(f"{side}: no module {name!r} for stage {stage!r}")
+
+        def hook(_module, _inputs, output, stage=stage):
+            output = output[0] if isinstance(output, tuple) else output
+            if side == "release" and stage == "head":
+                output = output.transpose(0, 1)
+            store[stage] = output.detach().clone()
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --- The two sides ---------------------------------------------------------------------------------------------------
+
+
+def box_loss(boxes_cxcywh: torch.Tensor, target_cxcywh: torch.Tensor) -> torch.Tensor:
+    """L1 + GIoU on (B, 4) cxcywh boxes, the same function on both sides (the release weights them 2 and 2, and adds
+    terms its flags switch on; the weights do not change a step's cost)."""
+    from torchvision.ops import box_convert, generalized_box_iou_loss
+
+    l1 = torch.nn.functional.l1_loss(boxes_cxcywh, target_cxcywh)
+    pred, target = (box_convert(b, "cxcywh", "xyxy") for b in (boxes_cxcywh, target_cxcywh))
+    return l1 + generalized_box_iou_loss(pred, target, reduction="mean")
+
+
+class Side(ABC):
+    """One side's model with the calls the worker needs; subclasses build it and run its forward."""
+
+    name: str
+    model: torch.nn.Module
+    size: Size
+
+    @abstractmethod
+    def boxes(self, batch: dict) -> torch.Tensor:
+        """(B, 4) cxcywh boxes of a forward pass in the model's current mode."""
+
+    @abstractmethod
+    def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Outputs: boxes (B, 4), logits_per_text (B, B), patch_text_logits (B, N), mask_logits (B, 8h, 8w),
+        tokens (B, L)."""
+
+    def counts(self, unread: Sequence[str] = ()) -> dict:
+        """Parameters in all, trainable, and in the parameters named `unread` (ones the forward never reads)."""
+        named = dict(self.model.named_parameters())
+        return {
+            "total": sum(p.numel() for p in named.values()),
+            "trainable": sum(p.numel() for p in named.values() if p.requires_grad),
+            "unread": sum(named[name].numel() for name in unread if name in named),
+        }
+
+
+class ReleaseSide(Side):
+    """The released HiVG, imported from `release_dir` and built as its training script builds it, CLIP random."""
+
+    name = "release"
+
+    def __init__(self, release_dir: Path, size: Size, stage: str, seed: int):
+        self.size = size
+        _import_release(release_dir, size)
+        from models.HiVG import HiVG  # the release's package, first on sys.path
+        from utils.misc import NestedTensor
+
+        self.nested = NestedTensor
+        args = release_arguments_parser(release_dir).parse_args(size.release_arguments(stage))
+        torch.manual_seed(seed)
+        self.model = HiVG(args)
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():  # peft starts LoRA B at zero: random B makes the LoRA count in the comparison
+            for name, parameter in self.model.named_parameters():
+                if ".lora_B." in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+
+    def _call(self, batch: dict):
+        return self.model(self.nested(batch["images"], ~batch["valid"]), batch["texts"])
+
+    def boxes(self, batch: dict) -> torch.Tensor:
+        return self._call(batch)[0]
+
+    def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        boxes, logits_per_text, _, patch_text, mask = self._call(batch)
+        tokens, _ = self.model.encode_text(batch["texts"], batch["images"].device)
+        return {
+            "boxes": boxes,
+            "logits_per_text": logits_per_text,
+            "patch_text_logits": patch_text,
+            "mask_logits": mask[:, 0],
+            "tokens": tokens.long(),
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+
+def release_arguments_parser(release_dir: Path) -> argparse.ArgumentParser:
+    """The release's own argument parser (`get_args_parser` of hivg_train.py), compiled alone: importing the
+    script would import its data pipeline (pycocotools, BERT's tokenizer, OpenCV), which building a model needs not."""
+    source = (release_dir / "hivg_train.py").read_text()
+    function = next(
+        (n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "get_args_parser"), None
+    )
+    if function is None:
+        raise SideBySideError(f"{release_dir / 'hivg_train.py'}: no get_args_parser function")
+    namespace = {"argparse": argparse}
+    exec(compile(ast.Module([function], type_ignores=[]), str(release_dir / "hivg_train.py"), "exec"), namespace)
+    return namespace["get_args_parser"]()
+
+
+def _import_release(release_dir: Path, size: Size) -> None:
+    """Make the release importable in this process, with the three changes the module docstring lists."""
+    script_dir = str(SCRIPT.parent)
+    # the release's packages (models, utils) first; benchmarks/models.py must not shadow its `models`
+    sys.path[:] = [str(release_dir), *(p for p in sys.path if os.path.abspath(p or ".") != script_dir)]
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:  # setuptools >= 81 ships no pkg_resources; the release's clip.py needs only its `packaging`
+        import packaging.version
+
+        shim = types.ModuleType("pkg_resources")
+        shim.packaging = packaging
+        sys.modules["pkg_resources"] = shim
+    import torchvision
+
+    real_version = torchvision.__version__
+    torchvision.__version__ = "0.99"  # utils/misc.py reads float("0.2") out of "0.29.1"
+    try:
+        importlib.import_module("utils.misc")
+    finally:
+        torchvision.__version__ = real_version
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(**size.clip_config())
+
+    def random_clip(cls, *_args, **_kwargs):  # replaces from_pretrained("/path_to_clip/...")
+        return cls(config)
+
+    CLIPModel.from_pretrained = classmethod(random_clip)
+
+
+class OurSide(Side):
+    """vgstudy's HiVG with the release's behaviour, in the release's stage, weights converted from the release's."""
+
+    name = "ours"
+
+    def __init__(self, size: Size, stage: str, weights: Path, workdir: Path):
+        from vgstudy.convert.hivg import load_release
+        from vgstudy.models import build
+
+        self.size = size
+        overrides = {"text_layout": "official", "hilora_merge": False, "dataset": "unc", "adaptive_weights": True}
+        if size.name != "b":  # hivg-b's own CLIP is the "b" size; others are registered with open_clip here
+            overrides.update(
+                backbone=_register_open_clip(size, workdir),
+                head_depth=size.head_depth,
+                head_heads=size.head_heads,
+                head_ffn_dim=size.head_ffn,
+            )
+        self.model = build("hivg-b", **overrides)
+        self.model.enter_stage(stage)
+        state, _ = read_tensors(weights)
+        load_release(self.model, state)
+        if self.model.transform.image_size != size.image_size:
+            raise SideBySideError(
+                f"hivg-b {overrides}: image size {self.model.transform.image_size}, expected {size.image_size}"
+            )
+
+    def boxes(self, batch: dict) -> torch.Tensor:
+        return self.model(batch["images"], batch["texts"], valid=batch["valid"]).boxes
+
+    def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = self.model(batch["images"], batch["texts"], valid=batch["valid"])
+        return {
+            "boxes": out.boxes,
+            **{key: out.aux[key] for key in ("logits_per_text", "patch_text_logits", "mask_logits")},
+            "tokens": self.model.clip.text.tokenize(batch["texts"]).ids.long(),
+        }
+
+
+def _register_open_clip(size: Size, workdir: Path) -> str:
+    """Register `size`'s CLIP with open_clip (a JSON model config) and return its backbone name."""
+    import open_clip
+
+    name = f"side-by-side-{size.name}"
+    folder = workdir / "open_clip_configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(size.open_clip_config(), indent=2))
+    open_clip.add_model_config(folder / f"{name}.json")
+    return f"clip:{name}"
+
+
+# --- The worker: one side, driven over a pipe -----------------------------------------------------------------------
+
+
+class Stepper:
+    """Timed training and inference steps of one side; the optimiser is made at the first training step."""
+
+    def __init__(self, side: Side):
+        self.side = side
+        self.optimizer = None
+
+    def step(self, mode: str, batch: dict) -> float:
+        model = self.side.model
+        start = time.perf_counter()
+        if mode == "inference":
+            model.eval()
+            with torch.inference_mode():
+                self.side.boxes(batch)
+        elif mode == "training":
+            model.train()
+            if self.optimizer is None:
+                trainable = [p for p in model.parameters() if p.requires_grad]
+                self.optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-4)
+            loss = box_loss(self.side.boxes(batch), batch["boxes_cxcywh"])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        else:
+            raise SideBySideError(f"step mode {mode!r}: expected 'training' or 'inference'")
+        return time.perf_counter() - start
+
+
+def versions(packages: Sequence[str]) -> dict[str, str | None]:
+    found = {"python": platform.python_version()}
+    for package in packages:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def serve(side_name: str, size: Size, stage: str, seed: int, threads: int, release_dir: Path | None) -> None:
+    """The worker's loop: requests on stdin, one JSON reply per request on the original stdout. Everything else
+    printed (the release prints as it builds) goes to stderr, the worker's log."""
+    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def reply(message: dict) -> None:
+        channel.write(json.dumps(message) + "\n")
+
+    torch.set_num_threads(threads)
+    side: Side | None = None
+    stepper: Stepper | None = None
+    batches: dict[str, dict] = {}
+
+    def handle(request: dict) -> dict:
+        nonlocal side, stepper
+        op = request.get("op")
+        if op == "build":
+            start = time.perf_counter()
+            if side_name == "release":
+                side = ReleaseSide(release_dir, size, stage, seed)
+            else:
+                side = OurSide(size, stage, Path(request["weights"]), Path(request["workdir"]))
+            stepper = Stepper(side)
+            return {
+                "build_s": time.perf_counter() - start,
+                "parameters": side.counts(request.get("unread", ())),
+                "threads": threads,
+                "versions": versions(RELEASE_VERSIONS if side_name == "release" else OUR_VERSIONS),
+            }
+        if side is None:
+            raise SideBySideError(f"request {op!r} before 'build'")
+        if op == "save_weights":
+            write_tensors(Path(request["path"]), side.state_dict(), {"kind": "release state dict", "stage": stage})
+            return {"path": request["path"]}
+        if op == "forward":
+            batch = read_batch(Path(request["batch"]))
+            side.model.eval()
+            stages: dict[str, torch.Tensor] = {}
+            with torch.no_grad(), caught_stages(side.model, side_name, size, stages):
+                outputs = side.outputs(batch)
+            tensors = {**{f"output.{k}": v for k, v in outputs.items()}, **{f"stage.{k}": v for k, v in stages.items()}}
+            write_tensors(Path(request["out"]), tensors, {"kind": "outputs", "side": side_name})
+            return {"out": request["out"]}
+        if op == "step":
+            path = request["batch"]
+            batch = batches.setdefault(path, read_batch(Path(path)))
+            return {"seconds": stepper.step(request["mode"], batch)}
+        raise SideBySideError(f"unknown request {op!r}")
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request.get("op") == "quit":
+            reply({"bye": True})
+            return
+        try:
+            reply(handle(request))
+        except Exception:  # the orchestrator reports it, with the traceback
+            reply({"error": traceback.format_exc()})
+
+
+class Worker:
+    """A side's worker process: `request(op, **fields)` sends one JSON line and waits for its one-line reply."""
+
+    def __init__(self, side: str, python: str, size: Size, args: argparse.Namespace, log_path: Path, env: dict):
+        self.side = side
+        self.log_path = log_path
+        self.timeout_s = args.timeout_s
+        command = [
+            python,
+            str(SCRIPT),
+            "--worker",
+            side,
+            "--size",
+            size.name,
+            "--stage",
+            args.stage,
+            "--seed",
+            str(args.seed),
+            "--threads",
+            str(args.threads),
+        ]
+        if side == "release":
+            command += ["--release", str(args.release)]
+        self._log = log_path.open("w")
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=env,
+            cwd=str(args.release) if side == "release" else None,
+        )
+
+    def request(self, op: str, **fields) -> dict:
+        try:
+            self.process.stdin.write(json.dumps({"op": op, **fields}) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            raise SideBySideError(f"{self.side} worker has exited ({self.process.poll()}); {self._tail()}") from None
+        ready, _, _ = select.select([self.process.stdout], [], [], self.timeout_s)
+        if not ready:
+            self.process.kill()
+            raise SideBySideError(f"{self.side} worker: no answer to {op!r} in {self.timeout_s:.0f} s; {self._tail()}")
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            raise SideBySideError(f"{self.side} worker exited {self.process.returncode} during {op!r}; {self._tail()}")
+        message = json.loads(line)
+        if "error" in message:
+            raise SideBySideError(f"{self.side} worker failed on {op!r}:\n{message['error']}")
+        return message
+
+    def _tail(self, lines: int = 15) -> str:
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return f"the end of its log {self.log_path}:\n" + "\n".join(text)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(SideBySideError, OSError, ValueError):
+                self.request("quit")
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+# --- Inputs, agreement and timing (the orchestrator, in vgstudy's Python) ------------------------------------------
+
+
+def make_inputs(size: Size, batch_size: int, seed: int, folder: Path) -> dict[str, Path]:
+    """Input files: SynthRef through vgstudy's eval transform at the size's resolution (ImageNet statistics, as the
+    release's); "square" as they are, "letterboxed" with the first image's top and bottom 1.5 patches made padding
+    (zeros, as the transform pads)."""
+    from vgstudy.data import GroundingTransform, SynthRef, TransformConfig, collate
+    from vgstudy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    transform = GroundingTransform(
+        TransformConfig(image_size=size.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, train=False)
+    )
+    data = SynthRef("val", batch_size, seed=seed)
+    batch = collate([transform(data[i]) for i in range(batch_size)])
+    images, valid = batch["images"], batch["valid"]
+    band = size.patch * 3 // 2
+    boxed_images, boxed_valid = images.clone(), valid.clone()
+    for rows in (slice(0, band), slice(size.image_size - band, size.image_size)):
+        boxed_images[0, :, rows] = 0.0
+        boxed_valid[0, rows] = False
+    paths = {"square": folder / "input-square.safetensors", "letterboxed": folder / "input-letterboxed.safetensors"}
+    write_batch(paths["square"], images, valid, batch["boxes_cxcywh"], batch["texts"])
+    write_batch(paths["letterboxed"], boxed_images, boxed_valid, batch["boxes_cxcywh"], batch["texts"])
+    return paths
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def compare(ours: dict[str, torch.Tensor], release: dict[str, torch.Tensor], size: Size) -> dict:
+    """Agreement of one input: outputs (max abs difference), token ids (equal or not), stages in forward order (max
+    abs and relative difference; the first past RELATIVE_TOLERANCE is where the sides diverge)."""
+    outputs = {}
+    for key in ("boxes", "logits_per_text", "patch_text_logits", "mask_logits"):
+        a, b = ours[f"output.{key}"], release[f"output.{key}"]
+        if a.shape != b.shape:
+            raise SideBySideError(f"output {key}: ours {tuple(a.shape)}, release {tuple(b.shape)}")
+        outputs[key] = max_abs(a, b)
+    stages = []
+    for stage in stage_names(size):
+        a, b = ours[f"stage.{stage}"], release[f"stage.{stage}"]
+        if a.shape != b.shape:
+            raise SideBySideError(f"stage {stage}: ours {tuple(a.shape)}, release {tuple(b.shape)}")
+        difference = max_abs(a, b)
+        scale = b.double().abs().max().item()
+        stages.append({"stage": stage, "max_abs": difference, "relative": difference / scale if scale else difference})
+    first = next((s["stage"] for s in stages if s["relative"] > RELATIVE_TOLERANCE), None)
+    return {
+        "outputs": outputs,
+        "boxes_agree": outputs["boxes"] <= BOX_TOLERANCE,
+        "tokens_equal": torch.equal(ours["output.tokens"], release["output.tokens"]),
+        "stages": stages,
+        "first_divergent_stage": first,
+    }
+
+
+def interleaved_timing(workers: dict[str, Worker], mode: str, batch: Path, steps: int, log: Callable) -> dict:
+    """A warm-up step per side, then `steps` rounds of one step per side, alternating which side goes first."""
+    warmup = {name: workers[name].request("step", mode=mode, batch=str(batch))["seconds"] for name in SIDES}
+    times: dict[str, list[float]] = {name: [] for name in SIDES}
+    for round_index in range(steps):
+        order = SIDES if round_index % 2 == 0 else SIDES[::-1]
+        for name in order:
+            times[name].append(workers[name].request("step", mode=mode, batch=str(batch))["seconds"])
+        log(f"{mode} round {round_index + 1}/{steps}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in SIDES))
+    return summarise_timing(mode, times, warmup, batch_size=len(read_batch(batch)["texts"]))
+
+
+def summarise_timing(mode: str, times: dict[str, list[float]], warmup: dict[str, float], batch_size: int) -> dict:
+    medians = {name: statistics.median(times[name]) for name in SIDES}
+    per_round = [o / r for o, r in zip(times["ours"], times["release"], strict=True)]
+    return {
+        "mode": mode,
+        "batch": batch_size,
+        "steps": len(per_round),
+        "step_s": medians,
+        "step_times_s": times,
+        "warmup_s": warmup,
+        "samples_per_s": {name: batch_size / medians[name] for name in SIDES},
+        "ratio_of_medians": medians["ours"] / medians["release"],
+        "median_round_ratio": statistics.median(per_round),
+        "round_ratio_range": [min(per_round), max(per_round)],
+    }
+
+
+def run_size(size: Size, args: argparse.Namespace, out: Path, log: Callable) -> dict:
+    """Build both sides for one size, compare their outputs on each input, and time them."""
+    folder = out / size.name
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    inputs = make_inputs(size, args.batch, args.seed, folder)
+    workers: dict[str, Worker] = {}
+    try:
+        log(f"[{size.name}] building the release (random CLIP, stage {args.stage})")
+        workers["release"] = Worker("release", args.python, size, args, folder / "release.log", env)
+        from vgstudy.convert.hivg import RELEASE_UNUSED
+
+        release_built = workers["release"].request("build", unread=list(RELEASE_UNUSED))
+        weights = folder / "release-weights.safetensors"
+        workers["release"].request("save_weights", path=str(weights))
+        log(f"[{size.name}] building vgstudy's hivg-b and loading the release's weights")
+        workers["ours"] = Worker("ours", sys.executable, size, args, folder / "ours.log", env)
+        ours_built = workers["ours"].request("build", weights=str(weights), workdir=str(folder))
+        weights.unlink()  # hundreds of MB at full size, and rebuilt from the seed on every run
+
+        agreement = {}
+        for case, path in inputs.items():
+            files = {}
+            for name in SIDES:
+                files[name] = folder / f"outputs-{name}-{case}.safetensors"
+                workers[name].request("forward", batch=str(path), out=str(files[name]))
+            agreement[case] = compare(read_tensors(files["ours"])[0], read_tensors(files["release"])[0], size)
+            for path_ in files.values():
+                path_.unlink()  # every stage's activations: tens of MB at full size
+            log(f"[{size.name}] {case}: boxes max abs difference {agreement[case]['outputs']['boxes']:.2e}")
+
+        timing = [
+            interleaved_timing(workers, mode, inputs["square"], args.steps, log) for mode in ("training", "inference")
+        ]
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return {
+        "size": dataclasses.asdict(size),
+        "parameters": {"ours": ours_built["parameters"], "release": release_built["parameters"]},
+        "build_s": {"ours": ours_built["build_s"], "release": release_built["build_s"]},
+        "versions": {"ours": ours_built["versions"], "release": release_built["versions"]},
+        "agreement": agreement,
+        "timing": timing,
+        "targets": targets(agreement, timing),
+    }
+
+
+def targets(agreement: dict, timing: list[dict]) -> dict:
+    """The issue's targets, computed: boxes agree to 1e-4 on every input; a training step no slower than the
+    release's: "yes" when the median of the per-round ratios is at most 1, "within noise" when it is above 1 but some
+    round was not slower, "no" when every round was slower."""
+    training = next(t for t in timing if t["mode"] == "training")
+    if training["median_round_ratio"] <= 1.0:
+        speed = "yes"
+    elif training["round_ratio_range"][0] <= 1.0:
+        speed = "within noise"
+    else:
+        speed = "no"
+    return {"boxes_agree_1e-4": all(case["boxes_agree"] for case in agreement.values()), "training_not_slower": speed}
+
+
+# --- Report ---------------------------------------------------------------------------------------------------------
+
+
+def release_identity(release_dir: Path) -> dict:
+    """Which release was run: its path, its git commit where it is a checkout, and hashes of its model files."""
+    identity = {"path": str(release_dir), "commit": None}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        completed = subprocess.run(
+            ["git", "-C", str(release_dir), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30
+        )
+        if completed.returncode == 0:
+            identity["commit"] = completed.stdout.strip()
+    for name in ("models/HiVG.py", "models/vl_transformer.py"):
+        identity[f"sha256 {name}"] = hashlib.sha256((release_dir / name).read_bytes()).hexdigest()[:16]
+    return identity
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.1e}" if value < 1e-2 else f"{value:.3g}"
+
+
+def render_markdown(report: dict) -> str:
+    machine, settings = report["machine"], report["settings"]
+    load = machine["load_average_1_5_15_min"]
+    release = report["release"]
+    lines = [
+        "# HiVG side by side: vgstudy vs the release (random weights)",
+        "",
+        f"- machine: {machine['cpu']} ({machine['cpu_count']} cores), {machine['platform']}; "
+        f"{settings['threads']} torch thread(s) on each side, CPU fp32",
+        f"- load average (1 min) at start / end: {_load(load['start'])} / {_load(load['end'])}",
+        f"- release: {release['path']}"
+        + (f" at {release['commit']}" if release.get("commit") else "")
+        + (
+            f" (models/HiVG.py sha256 {release['sha256 models/HiVG.py']}…)"
+            if "sha256 models/HiVG.py" in release
+            else ""
+        )
+        + f"; its Python {settings['release_python']}",
+        f"- HiLoRA stage {settings['stage']}, seed {settings['seed']}, batch {settings['batch']}, "
+        f"{settings['steps']} timed steps per side after one warm-up, sides alternating",
+        f"- wall {report['wall_s']:.0f} s",
+        "",
+    ]
+    for entry in report["sizes"]:
+        size, params = entry["size"], entry["parameters"]
+        used = params["release"]["total"] - params["release"]["unread"]
+        versions_line = "; ".join(
+            f"{side}: " + ", ".join(f"{k} {v}" for k, v in entry["versions"][side].items() if v) for side in SIDES
+        )
+        lines += [
+            f"## Size {size['name']}: {size['image_size']} px, vision width {size['vision_width']}, text width "
+            f"{size['text_width']}, head {size['embed_dim']} x {size['head_depth']} layers",
+            "",
+            f"- parameters: vgstudy {params['ours']['total']:,} ({params['ours']['trainable']:,} trainable), release "
+            f"{params['release']['total']:,} ({params['release']['trainable']:,} trainable), "
+            f"{params['release']['unread']:,} of them in modules its forward never reads (vgstudy leaves them out): "
+            f"release less those {'=' if used == params['ours']['total'] else '≠'} vgstudy",
+            f"- versions: {versions_line}",
+            f"- targets: boxes agree to 1e-4: {_yes(entry['targets']['boxes_agree_1e-4'])}; training step no "
+            f"slower than the release's: {entry['targets']['training_not_slower']}",
+            "",
+            "| input | boxes | logits_per_text | patch_text_logits | mask_logits | token ids equal | first stage past "
+            f"{RELATIVE_TOLERANCE:.0e} relative |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for case, result in entry["agreement"].items():
+            out = result["outputs"]
+            lines.append(
+                f"| {case} | {_fmt(out['boxes'])} | {_fmt(out['logits_per_text'])} | {_fmt(out['patch_text_logits'])} "
+                f"| {_fmt(out['mask_logits'])} | {_yes(result['tokens_equal'])} "
+                f"| {result['first_divergent_stage'] or 'none'} |"
+            )
+        cases = list(entry["agreement"])
+        lines += [
+            "",
+            "Max abs difference by stage (relative to the release's max abs value in brackets):",
+            "",
+            "| stage | " + " | ".join(cases) + " |",
+            "|---|" + "---|" * len(cases),
+        ]
+        for index, stage in enumerate(entry["agreement"][cases[0]]["stages"]):
+            cells = []
+            for case in cases:
+                s = entry["agreement"][case]["stages"][index]
+                cells.append(f"{_fmt(s['max_abs'])} ({_fmt(s['relative'])})")
+            lines.append(f"| {stage['stage']} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "| mode | batch | vgstudy s/step | release s/step | vgstudy samples/s | release samples/s | vgstudy / "
+            "release (medians) | per-round ratios: median (range) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for t in entry["timing"]:
+            low, high = t["round_ratio_range"]
+            lines.append(
+                f"| {t['mode']} | {t['batch']} | {t['step_s']['ours']:.3f} | {t['step_s']['release']:.3f} "
+                f"| {t['samples_per_s']['ours']:.2f} | {t['samples_per_s']['release']:.2f} "
+                f"| {t['ratio_of_medians']:.2f} | {t['median_round_ratio']:.2f} ({low:.2f}–{high:.2f}) |"
+            )
+        lines.append("")
+    for failure in report.get("failures", []):
+        lines += [f"## Size {failure['size']}: failed", "", "```", failure["error"].strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+def _load(averages: Sequence[float] | None) -> str:
+    return "–" if not averages else f"{averages[0]:.1f}"
+
+
+def _bench_models():
+    """benchmarks/models.py, for its machine description (loaded by path: `models` is also the release's package)."""
+    spec = importlib.util.spec_from_file_location("bench_models", SCRIPT.parent / "models.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- Command line ---------------------------------------------------------------------------------------------------
+
+
+def resolve_release(path: str | None) -> Path:
+    """The release checkout: --release, else $HIVG_RELEASE; it must hold the release's model and training script."""
+    text = path or os.environ.get("HIVG_RELEASE")
+    if not text:
+        raise ConfigError("no release: pass --release PATH or set HIVG_RELEASE to a checkout of linhuixiao/HiVG")
+    release = Path(text).expanduser().resolve()
+    missing = [name for name in ("models/HiVG.py", "hivg_train.py", "utils/misc.py") if not (release / name).is_file()]
+    if missing:
+        raise ConfigError(f"release {release}: not a HiVG checkout (missing {', '.join(missing)})")
+    return release
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method", nargs="?", help=f"the method to compare: one of {', '.join(METHODS)}")
+    parser.add_argument("--release", help="the release's checkout (default: $HIVG_RELEASE)")
+    parser.add_argument("--python", default=None, help="the Python that runs the release (default: this one)")
+    parser.add_argument("--sizes", type=parse_sizes, default=("b",), help=f"from {sorted(SIZES)} (default: b)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side and mode (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads on each side (default 1)")
+    parser.add_argument("--stage", default="stage3", help=f"HiLoRA stage, one of {', '.join(STAGES)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout-s", type=float, default=1800.0, help="the longest a worker may take to answer")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/side_by_side"))
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return args
+    if args.method not in METHODS:
+        raise ConfigError(
+            f"method {args.method!r}: expected one of {', '.join(METHODS)} (MaPPER and TransVG have no "
+            "side-by-side driver yet)"
+        )
+    for name, low in (("batch", 1), ("steps", 1), ("threads", 1), ("timeout_s", 1)):
+        value = getattr(args, name)
+        if value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: expected at least {low}")
+    if args.stage not in STAGES:
+        raise ConfigError(f"--stage {args.stage!r}: expected one of {', '.join(STAGES)}")
+    args.release = resolve_release(args.release)
+    args.out = args.out.resolve()  # the release's worker runs in the release's folder
+    args.python = args.python or sys.executable
+    if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
+        raise ConfigError(f"--python {args.python}: not an executable file")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    args = parse_arguments(argv)
+    if args.worker:
+        release = Path(args.release) if args.release else None
+        serve(args.worker, SIZES[args.size], args.stage, args.seed, args.threads, release)
+        return None
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    bench = _bench_models()
+    start, load_at_start = time.perf_counter(), bench.load_average()
+    args.out.mkdir(parents=True, exist_ok=True)
+    sizes, failures = [], []
+    for name in args.sizes:
+        try:
+            sizes.append(run_size(SIZES[name], args, args.out, log))
+        except SideBySideError as error:
+            failures.append({"size": name, "error": str(error)})
+            log(f"[{name}] failed: {error}")
+    report = {
+        "method": args.method,
+        "release": release_identity(args.release),
+        "machine": bench.machine_info(torch.device("cpu"), args.threads, load_at_start),
+        "settings": {
+            "threads": args.threads,
+            "batch": args.batch,
+            "steps": args.steps,
+            "stage": args.stage,
+            "seed": args.seed,
+            "release_python": args.python,
+            "box_tolerance": BOX_TOLERANCE,
+            "relative_tolerance": RELATIVE_TOLERANCE,
+            "loss": "L1 + GIoU on the boxes, the same function on both sides",
+            "optimizer": "AdamW (lr 1e-4, weight decay 1e-4) over the parameters each side trains in the stage",
+        },
+        "sizes": sizes,
+        "failures": failures,
+        "wall_s": time.perf_counter() - start,
+    }
+    (args.out / "results.json").write_text(json.dumps(report, indent=2))
+    markdown = render_markdown(report)
+    (args.out / "results.md").write_text(markdown)
+    print(markdown)
+    print(f"written: {args.out / 'results.json'}, {args.out / 'results.md'}")
+    if failures:
+        raise SystemExit(f"side by side failed for sizes {[f['size'] for f in failures]}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
