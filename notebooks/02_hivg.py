@@ -57,12 +57,13 @@ import torch
 
 import vgstudy
 from vgstudy import hivg_study, viz, zoo
+from vgstudy.compare import estimate
 from vgstudy.config import HiVGParams, resolve_device
 from vgstudy.data import GroundingTransform, TransformConfig
 from vgstudy.data.transforms import TransformedDataset
 from vgstudy.evaluate import box_metrics, cxcywh_to_xyxy
 from vgstudy.experiment import baselines, eval_split_names, grounding_data, train_and_evaluate
-from vgstudy.hivg_study import Recipe, build_run, compare, mean_and_std, pooled_accuracy
+from vgstudy.hivg_study import Recipe, build_run, compare, pooled_accuracy
 from vgstudy.models import build_backbone, describe, hilora, hivg
 from vgstudy.notebook import run_dir
 from vgstudy.papers import ablation, load_paper, reported
@@ -148,7 +149,8 @@ print(
 )
 
 # %%
-shown = [eval_samples[split][i] for split in splits[-2:] for i in range(3)]
+shown_pairs = [(split, i) for split in splits[-2:] for i in range(3)]  # (split, index) of the samples shown
+shown = [eval_samples[split][i] for split, i in shown_pairs]
 maps, hits = clip_pointing(shown)
 fig, axes = plt.subplots(2, len(shown), figsize=(2.6 * len(shown), 6.2))
 for k, sample in enumerate(shown):
@@ -351,9 +353,10 @@ for name in params.ablation_list():
 
 # %% [markdown]
 # Acc@0.5 (%) per split and over all splits (mean ± standard deviation over seeds when there are several), the
-# difference to the reference with its margin (two standard errors: the larger of the binomial error and the spread
-# between seeds), beside the trivial baselines. The paper's ablation tables are **not recorded** in
-# `papers/hivg.yaml` (its notes say why), so no reported number stands beside these rows.
+# difference to the reference with its margin (two standard errors of the difference; each accuracy's error joins the
+# evaluation set's binomial error and the spread between seeds, `vgstudy.compare.Estimate`), beside the trivial
+# baselines. The paper's ablation tables are **not recorded** in `papers/hivg.yaml` (its notes say why), so no
+# reported number stands beside these rows.
 
 # %%
 floors = baselines(eval_samples, seed=params.seed)
@@ -371,9 +374,9 @@ def accuracies(name, split=None):
     return [r["metrics"][split]["acc50"] for r in runs[name]]
 
 
-def cell(values):
-    mean, std = mean_and_std(values)
-    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+def accuracy_of(name, split=None):
+    """The run's accuracy over its seeds (`vgstudy.compare.Estimate`: mean, std, seeds, n)."""
+    return estimate(accuracies(name, split), pooled_accuracy(runs[name][0]["metrics"], [split] if split else splits)[1])
 
 
 n_pooled = pooled_accuracy(runs["HiVG"][0]["metrics"], splits)[1]
@@ -381,14 +384,14 @@ comparisons = {name: compare(accuracies("HiVG"), accuracies(name), n_pooled) for
 rows = []
 for name in runs:
     delta = "–" if name == "HiVG" else f"{comparisons[name]['difference']:+.1f} (± {comparisons[name]['margin']:.1f})"
-    rows.append([name] + [cell(accuracies(name, s)) for s in splits] + [cell(accuracies(name)), delta])
+    rows.append([name] + [str(accuracy_of(name, s)) for s in splits] + [str(accuracy_of(name)), delta])
 rows += [[f"baseline: {b}"] + [f"{floors[b][s]:.1f}" for s in splits] + [f"{floor_pooled[b]:.1f}", ""] for b in floors]
 print(markdown_table(["run"] + list(splits) + ["all splits", "HiVG minus run"], rows))
 
 # %%
 fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(runs)), 3.6))
-means = [mean_and_std(accuracies(name))[0] for name in runs]
-spreads = [mean_and_std(accuracies(name))[1] or 0.0 for name in runs]
+means = [accuracy_of(name).mean for name in runs]
+spreads = [accuracy_of(name).std for name in runs]
 ax.bar(range(len(runs)), means, yerr=spreads, color=["C3"] + ["C0"] * (len(runs) - 1), capsize=3)
 ax.axhline(floor_pooled[best_floor], color="k", ls="--", label=f"baseline: {best_floor}")
 ax.set_xticks(range(len(runs)), list(runs), rotation=30, ha="right")
@@ -451,7 +454,8 @@ looked = {
     )
     for split in splits
 }
-attention_hits = {split: 100 * found["hit"].float().mean().item() for split, found in looked.items()}
+# on the expressions CLIP's maps were scored on (the first n_eval of each split)
+attention_hits = {s: 100 * found["hit"][: clip_gap[s]["n"]].float().mean().item() for s, found in looked.items()}
 print(
     markdown_table(
         ["split", "[REG] attention points at the referent (%)", "CLIP's map does (%)", "a random patch would (%)"],
@@ -463,9 +467,8 @@ print(
 )
 
 # %%
-fig, axes = plt.subplots(2, 6, figsize=(15.6, 5.8))
-for k in range(6):
-    split, index = splits[-2:][k // 3], k % 3
+fig, axes = plt.subplots(2, len(shown_pairs), figsize=(2.6 * len(shown_pairs), 5.8))
+for k, (split, index) in enumerate(shown_pairs):
     sample = eval_samples[split][index]
     found = looked[split]
     predicted = input_box_to_image(found["boxes_cxcywh"][index], tuple(sample.image.shape[-2:]), trained.transform)
@@ -520,7 +523,7 @@ if paper_rows:
     print(
         markdown_table(
             ["split", "here", "reported"],
-            [[s, cell(accuracies("HiVG", s)), f"{r.value:.2f} ({r.source})"] for s, r in paper_rows.items()],
+            [[s, str(accuracy_of("HiVG", s)), f"{r.value:.2f} ({r.source})"] for s, r in paper_rows.items()],
         )
     )
 
@@ -560,16 +563,18 @@ verdicts["official layout: a prediction depends on the rest of its batch"] = (
 for claim, outcome in verdicts.items():
     print(f"{outcome:>10}  {claim}")
 
-summary = {
-    name: {s: dict(zip(("mean", "std"), mean_and_std(accuracies(name, s)), strict=True)) for s in (*splits, None)}
-    for name in runs
-}
+accuracy = {}  # {run: {split or "all": {"mean", "std"}}} over seeds
+for name in runs:
+    accuracy[name] = {}
+    for s in (*splits, None):
+        found = accuracy_of(name, s)
+        accuracy[name][s or "all"] = {"mean": found.mean, "std": found.std}
 written = (out / "results.json").write_text(
     json.dumps(
         {
             "notebook": "02_hivg",
             "params": vgstudy.config.as_dict(params),
-            "accuracy": {name: {str(s or "all"): v for s, v in per.items()} for name, per in summary.items()},
+            "accuracy": accuracy,
             "runs": {
                 name: [
                     {"seed": r["seed"], "metrics": r["metrics"], "steps": r["steps"], "parameters": r["parameters"]}

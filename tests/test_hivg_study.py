@@ -25,11 +25,9 @@ from vgstudy.hivg_study import (
     compare,
     criterion_for,
     length_bucket,
-    mean_and_std,
     pointing,
     pooled_accuracy,
     reg_attention,
-    standard_error,
     text_layout,
     trace_shapes,
     trainable_counts,
@@ -337,14 +335,8 @@ def test_pooled_accuracy_weights_splits_by_their_size():
     assert pooled_accuracy(metrics, ("val", "testA")) == (pytest.approx(27.5), 400)
 
 
-def test_standard_error_is_binomial_for_one_seed_and_at_least_the_seed_spread():
-    assert mean_and_std([30.0]) == (30.0, None)
-    assert standard_error([50.0], 100) == pytest.approx(5.0)  # 100 sqrt(0.25 / 100)
-    assert standard_error([50.0, 50.0, 50.0, 50.0], 100) == pytest.approx(2.5)  # 400 samples pooled
-    assert standard_error([30.0, 50.0, 70.0, 50.0], 100) == pytest.approx(mean_and_std([30, 50, 70, 50])[1] / 2)
-
-
 def test_compare_outcomes():
+    # one seed each: the two binomial errors, 100 sqrt(0.24 / 500) each
     assert compare([60.0], [40.0], 500) == pytest.approx(
         {"difference": 20.0, "margin": 2 * (2 * 0.24 / 500) ** 0.5 * 100, "outcome": "holds"}
     )

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from vgstudy.compare import difference, estimate
 from vgstudy.errors import ConfigError
 from vgstudy.losses_hivg import HiVGCriterion
 from vgstudy.models.hilora import HILORA_SCHEDULE, HiLoRAStage, trainer_stages
 from vgstudy.models.hivg import HiVG, HiVGConfig
+from vgstudy.models.registry import build
 from vgstudy.train import Stage
 
 LOSS_TERMS = ("box", "contrastive", "align", "mask")
@@ -187,8 +187,6 @@ def build_run(
     ablation's overrides replace them. `reference`: the reference model's resolved config, which the layer
     ablations read (needed when `ablation` is given).
     """
-    from vgstudy.models import build  # the registry imports every method module
-
     overrides, tuning, losses = {}, "hilora", LOSS_TERMS
     if ablation is not None:
         if reference is None:
@@ -196,7 +194,7 @@ def build_run(
         overrides, tuning, losses = ablation.overrides(reference), ablation.tuning, ablation.losses
     schedule = tuning_schedule(tuning)
     model = build(model_name, **{**model_options, **overrides, "schedule": schedule})
-    # Only fully fine-tuned CLIP weights get a lower rate: elsewhere the prefix matches nothing that trains.
+    # A fully fine-tuned CLIP trains at a lower rate; CLIP's LoRA (under the same prefix) at the stage's own.
     lr_scale = {"clip.": recipe.backbone_lr_scale} if tuning == "full" else {}
     stages = trainer_stages(schedule, recipe.epochs, recipe.lrs, warmup_steps=recipe.warmup_steps, lr_scale=lr_scale)
     return model, stages, criterion_for(losses)
@@ -345,32 +343,13 @@ def pooled_accuracy(metrics: Mapping[str, Mapping[str, float]], splits: Sequence
     return sum(metrics[s]["acc50"] * metrics[s]["n"] for s in splits) / n, n
 
 
-def mean_and_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for a single value)."""
-    values = list(values)
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def standard_error(accuracies: Sequence[float], n: int) -> float:
-    """Standard error (percentage points) of the mean of per-seed accuracies (%), each measured on n samples.
-
-    The larger of the binomial error of all the samples pooled and the spread between seeds: a few seeds can agree
-    by chance, and one seed has no spread at all.
-    """
-    mean, std = mean_and_std(accuracies)
-    p = min(max(mean / 100, 1 / n), 1 - 1 / n)
-    binomial = 100 * math.sqrt(p * (1 - p) / (n * len(accuracies)))
-    return max(binomial, 0.0 if std is None else std / math.sqrt(len(accuracies)))
-
-
 def compare(reference: Sequence[float], variant: Sequence[float], n: int) -> dict:
-    """The reference's accuracy minus the variant's, its margin (two standard errors of the difference) and the
-    outcome: "holds" (the reference is better by more than the margin), "reversed" (worse by more), or
-    "unresolved"."""
-    difference = mean_and_std(reference)[0] - mean_and_std(variant)[0]
-    margin = 2 * math.hypot(standard_error(reference, n), standard_error(variant, n))
-    outcome = "holds" if difference > margin else "reversed" if difference < -margin else "unresolved"
-    return {"difference": difference, "margin": margin, "outcome": outcome}
+    """The reference's accuracy minus the variant's (per-seed accuracies, %, each on n samples), its margin (two
+    standard errors of the difference, `vgstudy.compare`'s) and the outcome: "holds" (the reference is better by
+    more than the margin), "reversed" (worse by more), or "unresolved"."""
+    gap, margin = difference(estimate(reference, n), estimate(variant, n))
+    outcome = "holds" if gap > margin else "reversed" if gap < -margin else "unresolved"
+    return {"difference": gap, "margin": margin, "outcome": outcome}
 
 
 def length_bucket(text: str, buckets: Sequence[str]) -> str | None:
