@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import inspect
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
 from vgstudy.errors import ConfigError
+
+
+def progress_bars_disabled() -> bool:
+    """Whether TQDM_DISABLE asks for no progress bars. tqdm reads it itself, but its notebook bar (tqdm.auto under
+    Jupyter) and transformers' loading bar do not, so the bars in committed notebooks ask here."""
+    return os.environ.get("TQDM_DISABLE", "") in ("1", "true", "True")
 
 
 def show_source(obj: object) -> object:

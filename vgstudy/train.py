@@ -64,6 +64,7 @@ from vgstudy.checkpoint import (
 from vgstudy.errors import CheckpointError, ConfigError, VGStudyError
 from vgstudy.evaluate import evaluate_model
 from vgstudy.models.base import describe
+from vgstudy.notebook import progress_bars_disabled
 from vgstudy.seeding import seed_everything
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -652,8 +653,7 @@ class Trainer:
         epoch = self._epochs_before(progress.stage_index) + progress.epoch_in_stage
         stage_steps = self.steps_per_epoch * stage.epochs
         loader = self._train_loader(epoch, skip=progress.batch_in_epoch)
-        # tqdm reads TQDM_DISABLE, but its notebook bar (tqdm.auto under Jupyter) does not: ask it here too.
-        quiet = not self.processes.main or os.environ.get("TQDM_DISABLE", "") in ("1", "true", "True")
+        quiet = not self.processes.main or progress_bars_disabled()
         bar_options = {"disable": True} if quiet else {}
         bar = tqdm(
             total=self.steps_per_epoch,

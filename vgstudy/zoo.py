@@ -76,6 +76,7 @@ from vgstudy.data.synthref import (
 from vgstudy.data.tokenizers import TokenBatch
 from vgstudy.errors import CheckpointError, ConfigError
 from vgstudy.models.backbones import build_backbone
+from vgstudy.notebook import progress_bars_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -587,7 +588,7 @@ def pretrain(spec: PretrainSpec, *, device: str = "cpu", label: str | None = Non
         window: dict[str, list[float]] = {}
         train_start = time.perf_counter()
         objective.train()
-        quiet = os.environ.get("TQDM_DISABLE", "") in ("1", "true", "True")  # tqdm's notebook bar ignores it
+        quiet = progress_bars_disabled()
         for step in tqdm(range(spec.steps), desc=f"pretraining {label or spec.backbone}", unit="step", disable=quiet):
             indices = next(batches)
             flips = torch.rand(len(indices), generator=generator) < 0.5

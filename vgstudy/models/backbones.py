@@ -41,7 +41,6 @@ import difflib
 import json
 import logging
 import math
-import os
 import pickle
 import warnings
 import zipfile
@@ -61,6 +60,7 @@ from vgstudy.data.tokenizers import TokenBatch, build_tokenizer
 from vgstudy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from vgstudy.errors import CheckpointError, ConfigError
 from vgstudy.models.head import EncoderLayer
+from vgstudy.notebook import progress_bars_disabled
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BERT_MAX_LEN = 20  # TransVG's and MaPPER's expression length on RefCOCO/RefCOCO+ (40 on RefCOCOg)
@@ -809,7 +809,7 @@ def _bert_from_folder(folder: Path, name: str, architecture: Any) -> nn.Module:
     ]
     if differences:
         raise CheckpointError(f"weights folder {folder} does not fit {name!r}: " + ", ".join(differences))
-    if os.environ.get("TQDM_DISABLE", "") in ("1", "true", "True"):  # transformers' loading bar ignores it
+    if progress_bars_disabled():
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
