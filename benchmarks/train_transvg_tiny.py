@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/train_transvg_tiny.py [--model transvg-tiny] [--n-train 2000] [--n-eval 500]
         [--epochs 3] [--batch-size 32] [--lr 1e-4] [--visual-lr-scale 1.0] [--text-lr-scale 0.1]
-        [--visual-zoo resnet-tiny] [--freeze-visual] [--freeze-text] [--no-augment] [--set key=value ...]
-        [--out runs/bench/transvg_tiny]
+        [--visual-zoo resnet-tiny] [--freeze-visual] [--freeze-text] [--no-augment] [--remember]
+        [--object-scale 1.0] [--set key=value ...] [--out runs/bench/transvg_tiny]
 
 Trains with the one Trainer (AdamW, warm-up + cosine, BoxCriterion: L1 + GIoU as the release) on SynthRef train and
 evaluates on val / testA / testB at the end. The samples are generated once up front (the generation time is
@@ -11,7 +11,9 @@ reported apart), so the training time is the model's. `--set` passes overrides t
 parsed as JSON where they parse ("--set dropout=0.0 --set visual_options={\"return_layer\":\"layer4\"}").
 `--visual-zoo NAME` starts the visual backbone from `vgstudy.zoo.pretrained(NAME)` (SynthRef-pretrained, cached;
 its pretraining time is reported apart); otherwise it starts from random weights, which is why the default visual lr
-scale is 1 where the release's is 0.1.
+scale is 1 where the release's is 0.1. `--remember` (with --no-augment and both backbones frozen) keeps the
+transformed items and the frozen backbones' outputs in memory (`vgstudy.models.memo`): each input runs through the
+backbones once, in the first epoch.
 Writes results.json (the Trainer's, plus the timings) under --out; prints a Markdown table.
 """
 
@@ -28,9 +30,10 @@ import torch
 from torch.utils.data import Dataset
 
 from vgstudy.data.synthref import SynthRef
-from vgstudy.data.transforms import GroundingTransform, TransformedDataset, collate
+from vgstudy.data.transforms import GroundingTransform, RememberedItems, TransformedDataset, collate
 from vgstudy.losses import BoxCriterion
 from vgstudy.models import build, describe
+from vgstudy.models.memo import BackboneMemo
 from vgstudy.seeding import seed_everything
 from vgstudy.train import Stage, TrainConfig, Trainer
 
@@ -72,17 +75,24 @@ def main() -> None:
     parser.add_argument("--freeze-visual", action="store_true", help="freeze the visual backbone")
     parser.add_argument("--freeze-text", action="store_true", help="freeze the text backbone")
     parser.add_argument("--no-augment", action="store_true", help="train on the eval transform")
+    parser.add_argument("--remember", action="store_true", help="remember the frozen backbones' outputs")
+    parser.add_argument("--object-scale", type=float, default=1.0, help="SynthRef's object size multiplier")
     parser.add_argument("--set", action="append", default=[], type=parse_override, metavar="KEY=VALUE")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=Path("runs/bench/transvg_tiny"))
     args = parser.parse_args()
+    if args.remember and not (args.no_augment and args.freeze_visual and args.freeze_text):
+        parser.error("--remember needs --no-augment, --freeze-visual and --freeze-text")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
 
     start = time.perf_counter()
     splits = {"train": args.n_train, "val": args.n_eval, "testA": args.n_eval, "testB": args.n_eval}
-    data = {split: InMemory(SynthRef(split, n, seed=args.seed)) for split, n in splits.items()}
+    data = {
+        split: InMemory(SynthRef(split, n, seed=args.seed, object_scale=args.object_scale))
+        for split, n in splits.items()
+    }
     generation_s = time.perf_counter() - start
 
     zoo_s = 0.0
@@ -97,6 +107,9 @@ def main() -> None:
     model = build(args.model, **overrides)
     train_transform = dataclasses.replace(model.transform, train=not args.no_augment)
     train_set = TransformedDataset(data["train"], GroundingTransform(train_transform))
+    if args.remember:
+        train_set = RememberedItems(train_set)
+        model.remember_frozen_backbones(BackboneMemo())
     eval_transform = GroundingTransform(model.transform)
     eval_sets = {split: TransformedDataset(data[split], eval_transform) for split in ("val", "testA", "testB")}
 
@@ -133,7 +146,8 @@ def main() -> None:
     print(
         f"{args.model} {shown} visual from {args.visual_zoo or 'random weights'}: {args.n_train} train samples x "
         f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}, lr_scale {lr_scale}, "
-        f"{'no augmentation' if args.no_augment else 'augmented'}"
+        f"{'no augmentation' if args.no_augment else 'augmented'}{', backbones remembered' if args.remember else ''}, "
+        f"object scale {args.object_scale:g}"
     )
     print("| split | Acc@0.5 | Acc@0.75 | mIoU |\n|---|---|---|---|")
     for split, metrics in results["metrics"].items():

@@ -17,9 +17,11 @@ from torch.utils.data import Dataset
 from vgstudy.config import DataParams
 from vgstudy.data.refer import DATASETS, load_split
 from vgstudy.data.synthref import SynthRef
-from vgstudy.data.transforms import GroundingTransform, TransformedDataset, collate
+from vgstudy.data.transforms import GroundingTransform, RememberedItems, TransformedDataset, collate
+from vgstudy.errors import ConfigError
 from vgstudy.evaluate import BASELINES, SCENE_BASELINES, evaluate_baseline
 from vgstudy.losses import BoxCriterion
+from vgstudy.models.memo import BackboneMemo
 from vgstudy.train import Stage, TrainConfig, Trainer
 
 
@@ -72,6 +74,7 @@ def train_and_evaluate(
     params: Mapping | None = None,
     resume: str | bool = "auto",
     model_card: tuple[str, Mapping] | None = None,
+    remember_backbones: bool = False,
 ) -> dict:
     """Train `model` with the Trainer (its own train/eval transforms) and evaluate every split at the end.
 
@@ -79,7 +82,21 @@ def train_and_evaluate(
     `resume="auto"` continues a killed run in the same run_dir; a finished one is not retrained.
     `model_card=(registered name, JSON-able build overrides)` is written to run_dir/model.json first, so
     `python -m vgstudy predict --checkpoint run_dir` can rebuild the model without being told its name.
+    `remember_backbones=True` (needs augment=False and a model with frozen backbones) keeps the transformed training
+    items and the frozen backbones' outputs in memory after their first use (`vgstudy.models.memo`): every epoch after
+    the first runs only what trains. The memo is dropped when training ends.
     """
+    if remember_backbones:
+        if augment:
+            raise ConfigError(
+                "train_and_evaluate(remember_backbones=True) needs augment=False: augmented inputs differ every epoch, "
+                "so there is nothing to remember"
+            )
+        if not hasattr(model, "remember_frozen_backbones"):
+            raise ConfigError(
+                f"train_and_evaluate(remember_backbones=True): a {type(model).__name__} cannot remember its backbones' "
+                "outputs (no remember_frozen_backbones method)"
+            )
     if model_card is not None:
         from vgstudy.predict import write_model_card  # local import: predict imports the models
 
@@ -87,6 +104,9 @@ def train_and_evaluate(
         write_model_card(run_dir, name, dict(overrides))
     train_config = dataclasses.replace(model.transform, train=augment)
     train_set = TransformedDataset(train, GroundingTransform(train_config))
+    if remember_backbones:
+        train_set = RememberedItems(train_set)
+        model.remember_frozen_backbones(BackboneMemo())
     eval_transform = GroundingTransform(model.transform)
     eval_sets = {split: TransformedDataset(data, eval_transform) for split, data in evals.items()}
     config = TrainConfig(stages=stages, batch_size=batch_size, seed=seed, eval_every_epochs=0)
@@ -101,4 +121,8 @@ def train_and_evaluate(
         device=device,
         params=params,
     )
-    return trainer.fit(resume=resume)
+    try:
+        return trainer.fit(resume=resume)
+    finally:
+        if remember_backbones:
+            model.remember_frozen_backbones(None)

@@ -13,6 +13,7 @@ _EXPORTS = {
     "GroundingTransform": "vgstudy.data.transforms",
     "TransformConfig": "vgstudy.data.transforms",
     "TransformedDataset": "vgstudy.data.transforms",
+    "RememberedItems": "vgstudy.data.transforms",
     "collate": "vgstudy.data.transforms",
     "TokenBatch": "vgstudy.data.tokenizers",
     "build_tokenizer": "vgstudy.data.tokenizers",

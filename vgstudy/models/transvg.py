@@ -42,6 +42,7 @@ from vgstudy.models.backbones import (
 )
 from vgstudy.models.base import Output
 from vgstudy.models.head import GroundingHead
+from vgstudy.models.memo import BackboneMemo, tensor_key
 from vgstudy.models.registry import register
 
 # The release's learning rates relative to lr = 1e-4: --lr_visu_cnn, --lr_visu_tra and --lr_bert are all 1e-5.
@@ -65,6 +66,10 @@ class TransVG(nn.Module):
                        TextTower (or a CLIPBackbone, whose text tower is taken).
     freeze_visual, freeze_text: freeze a whole backbone (the release does so for a backbone given lr 0); it then
                        stays in eval mode.
+
+    `remember_frozen_backbones(BackboneMemo())` makes the frozen backbones answer inputs they have seen from memory
+    (`vgstudy.models.memo`): for training on fixed inputs (no augmentation), where it runs each backbone once per
+    input instead of once per epoch.
 
     Attributes: visual, text (the backbones), visual_proj, text_proj (Linear to `dim`), head (GroundingHead),
     transform (the eval TransformConfig: the visual backbone's image size and normalisation).
@@ -119,6 +124,7 @@ class TransVG(nn.Module):
             self.num_text_tokens + self.num_visual_tokens, dim, depth, heads, ffn_dim, dropout, normalize_before=False
         )
         self.freeze_visual, self.freeze_text = freeze_visual, freeze_text
+        self.memo: BackboneMemo | None = None  # beside the model, not in its state dict
         if freeze_visual:
             self.visual.requires_grad_(False)
         if freeze_text:
@@ -128,6 +134,15 @@ class TransVG(nn.Module):
         self.transform = TransformConfig(
             image_size=self.image_size, mean=self.visual.mean, std=self.visual.std, flip_prob=0.5
         )
+
+    def remember_frozen_backbones(self, memo: BackboneMemo | None) -> None:
+        """Answer the frozen backbones' inputs from `memo` when seen before (None: run them every time)."""
+        if memo is not None and not (self.freeze_visual or self.freeze_text):
+            raise ConfigError(
+                "TransVG.remember_frozen_backbones: neither backbone is frozen (freeze_visual / freeze_text); a "
+                "backbone that trains changes its outputs, so they cannot be remembered"
+            )
+        self.memo = memo
 
     def train(self, mode: bool = True) -> TransVG:
         """Train mode for everything but a frozen backbone, which stays a fixed feature extractor (eval mode: its
@@ -148,9 +163,9 @@ class TransVG(nn.Module):
         self._check_inputs(images, texts, valid)
         visual_tokens, visual_padding = self._visual_tokens(images, valid)  # (B, Nv, Dv), (B, Nv)
         visual_tokens = self.visual_proj(visual_tokens)  # (B, Nv, dim)
-        text = self.text(texts)
-        text_tokens = self.text_proj(text.tokens)  # (B, L, dim)
-        text_padding = ~text.mask  # (B, L)
+        text_features, text_mask = self._text_tokens(texts)  # (B, L, Dt), (B, L)
+        text_tokens = self.text_proj(text_features)  # (B, L, dim)
+        text_padding = ~text_mask  # (B, L)
         tokens = torch.cat([text_tokens, visual_tokens], dim=1)  # (B, L + Nv, dim): the release's order
         padding = torch.cat([text_padding, visual_padding], dim=1)
         boxes_cxcywh, reg = self.head(tokens, padding)  # (B, 4), (B, dim)
@@ -159,12 +174,40 @@ class TransVG(nn.Module):
             "visual_tokens": visual_tokens,
             "text_tokens": text_tokens,
             "visual_mask": ~visual_padding,
-            "text_mask": text.mask,
+            "text_mask": text_mask,
         }
         return Output(boxes=boxes_cxcywh, aux=aux)
 
     def _visual_tokens(self, images: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Grid tokens (B, Nv, Dv) and their padding mask (B, Nv), True on padding."""
+        """Grid tokens (B, Nv, Dv) and their padding mask (B, Nv), True on padding (from the memo when it has them)."""
+        if self.memo is None or not self.freeze_visual:
+            return self._run_visual(images, valid)
+        keys = [("visual", tensor_key(image, None if valid is None else valid[i])) for i, image in enumerate(images)]
+
+        def compute(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+            tokens, padding = self._run_visual(images[rows], None if valid is None else valid[rows])
+            return {"tokens": tokens, "padding": padding}
+
+        out = self.memo.run(keys, compute)
+        return out["tokens"], out["padding"]
+
+    def _text_tokens(self, texts: list[str] | TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text backbone's tokens (B, L, Dt) and mask (B, L), True on real tokens (from the memo when it has
+        them: a text is known by its token ids)."""
+        if self.memo is None or not self.freeze_text:
+            out = self.text(texts)
+            return out.tokens, out.mask
+        batch = self.text.tokenize(texts)
+        keys = [("text", tensor_key(ids, mask)) for ids, mask in zip(batch.ids, batch.mask, strict=True)]
+
+        def compute(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = self.text(TokenBatch(ids=batch.ids[rows], mask=batch.mask[rows]))
+            return {"tokens": out.tokens, "mask": out.mask}
+
+        out = self.memo.run(keys, compute)
+        return out["tokens"], out["mask"]
+
+    def _run_visual(self, images: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         pixel_padding = None if valid is None else ~valid.bool()  # (B, S, S)
         if isinstance(self.visual, ResNetDETREncoder):
             out = self.visual(images, pixel_mask=pixel_padding)
