@@ -314,3 +314,11 @@ def test_every_methods_box_on_one_scene():
     assert len(ax.patches) == 3  # the ground truth and one box per method
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ground truth", "toy", "other toy"]
     plt.close(fig)
+
+
+def test_pooled_accuracy_weights_each_split_by_its_samples():
+    metrics = {"val": {"acc50": 50.0, "n": 100}, "testA": {"acc50": 20.0, "n": 300}, "testB": {"acc50": 0.0, "n": 5}}
+    assert compare.pooled_accuracy(metrics, ("val", "testA")) == (pytest.approx(27.5), 400)
+    assert compare.pooled_accuracy(metrics) == (pytest.approx(11000 / 405), 405)
+    with pytest.raises(ConfigError, match="no evaluated sample"):
+        compare.pooled_accuracy({"val": {"acc50": 0.0, "n": 0}})

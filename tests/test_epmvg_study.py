@@ -25,7 +25,6 @@ from vgstudy.epmvg_study import (
     modality_gap,
     other_method_results,
     pair_embeddings,
-    pooled_accuracy,
     similarities,
     standard_error,
     step_times,
@@ -126,20 +125,13 @@ def test_grid_names_lists_the_known_rows_in_its_error():
 # --- Accuracy and noise ---------------------------------------------------------------------------------------------
 
 
-def test_pooled_accuracy_weights_each_split_by_its_samples():
-    metrics = {"val": {"acc50": 50.0, "n": 100}, "testA": {"acc50": 20.0, "n": 300}}
-    assert pooled_accuracy(metrics) == (pytest.approx(27.5), 400)
-    with pytest.raises(ConfigError, match="no evaluated sample"):
-        pooled_accuracy({"val": {"acc50": 0.0, "n": 0}})
-
-
 def test_the_margin_is_binomial_for_one_seed_and_grows_with_the_seeds_spread():
     # one seed at 50% on 100 samples: one standard error is 5 points
     assert standard_error([50.0], 100) == pytest.approx(5.0)
-    # three agreeing seeds: the binomial error of 300 samples
-    assert standard_error([50.0, 50.0, 50.0], 100) == pytest.approx(100 * math.sqrt(0.25 / 300))
-    # seeds that disagree more than sampling explains: their own spread counts
-    assert standard_error([20.0, 50.0, 80.0], 100) == pytest.approx(30.0 / math.sqrt(3))
+    # three agreeing seeds on the same 100 samples: still those samples' binomial error
+    assert standard_error([50.0, 50.0, 50.0], 100) == pytest.approx(5.0)
+    # seeds that disagree: their spread (std / sqrt(seeds)) joins the binomial error
+    assert standard_error([20.0, 50.0, 80.0], 100) == pytest.approx(math.sqrt(5.0**2 + 30.0**2 / 3))
     d = difference([60.0], [50.0], 100)
     assert d.delta == pytest.approx(10.0)
     assert d.margin == pytest.approx(2 * math.hypot(standard_error([60.0], 100), 5.0))

@@ -26,7 +26,6 @@ from vgstudy.hivg_study import (
     criterion_for,
     length_bucket,
     pointing,
-    pooled_accuracy,
     reg_attention,
     text_layout,
     trace_shapes,
@@ -328,11 +327,6 @@ def test_trace_shapes_records_each_module_once_and_removes_its_hooks(reference):
 
 
 # --- Statistics -----------------------------------------------------------------------------------------------------
-
-
-def test_pooled_accuracy_weights_splits_by_their_size():
-    metrics = {"val": {"acc50": 50.0, "n": 100}, "testA": {"acc50": 20.0, "n": 300}}
-    assert pooled_accuracy(metrics, ("val", "testA")) == (pytest.approx(27.5), 400)
 
 
 def test_compare_outcomes():

@@ -319,6 +319,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 # --- Accuracy -------------------------------------------------------------------------------------------------------
 
 
+def pooled_accuracy(
+    metrics: Mapping[str, Mapping[str, float]], splits: Sequence[str] | None = None
+) -> tuple[float, int]:
+    """(Acc@0.5 (%) over the samples of `splits` together (every split when None), their number) from a run's
+    per-split metrics {split: {"acc50", "n"}}."""
+    chosen = list(metrics) if splits is None else list(splits)
+    n = sum(int(metrics[split]["n"]) for split in chosen)
+    if n == 0:
+        raise ConfigError(f"pooled_accuracy: no evaluated sample in the splits {chosen}")
+    return sum(metrics[split]["acc50"] * metrics[split]["n"] for split in chosen) / n, n
+
+
 def evaluate(
     model: nn.Module, evals: Mapping[str, Dataset], *, batch_size: int = 32, device: str | torch.device = "cpu"
 ) -> dict[str, dict]:

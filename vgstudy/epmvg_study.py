@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from vgstudy.compare import estimate
 from vgstudy.data.transforms import collate
 from vgstudy.errors import ConfigError
 from vgstudy.losses_epmvg import DISTILLATION_TERMS, EpmVGRCriterion
@@ -148,26 +149,15 @@ def grid_table(names: Sequence[str] | None = None) -> list[list[str]]:
 # --- Accuracy over seeds, and when a difference is more than noise --------------------------------------------------
 
 
-def pooled_accuracy(metrics: Mapping[str, Mapping[str, float]]) -> tuple[float, int]:
-    """Acc@0.5 (%) over every evaluation split together, and its sample count: {split: {"acc50", "n"}} -> (acc, n)."""
-    n = sum(int(m["n"]) for m in metrics.values())
-    if n == 0:
-        raise ConfigError("pooled_accuracy: no evaluated sample in any split")
-    return sum(m["acc50"] * m["n"] for m in metrics.values()) / n, n
-
-
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (None for one value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def standard_error(values: Sequence[float], n: int) -> float:
-    """Standard error (percentage points) of the mean of accuracies (%), one per seed, each on n samples: the larger
-    of the binomial one (all k x n samples) and, with two seeds or more, the seeds' own (std / sqrt(k))."""
-    k = len(values)
-    p = min(max(statistics.fmean(values) / 100, 1 / (k * n)), 1 - 1 / (k * n))
-    binomial = 100 * math.sqrt(p * (1 - p) / (k * n))
-    return max(binomial, statistics.stdev(values) / math.sqrt(k)) if k > 1 else binomial
+    """Standard error (percentage points) of the mean of accuracies (%), one per seed, each on the same n samples
+    (`vgstudy.compare.Estimate`: the evaluation set's binomial error joined with the seeds' spread)."""
+    return estimate(values, n).standard_error
 
 
 @dataclass(frozen=True)

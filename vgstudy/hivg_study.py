@@ -337,12 +337,6 @@ def box_shift(model: nn.Module, images: torch.Tensor, texts: list[str], other_te
 # --- Statistics -----------------------------------------------------------------------------------------------------
 
 
-def pooled_accuracy(metrics: Mapping[str, Mapping[str, float]], splits: Sequence[str]) -> tuple[float, int]:
-    """(Acc@0.5 over the samples of all `splits`, their number) from a run's per-split metrics."""
-    n = sum(metrics[s]["n"] for s in splits)
-    return sum(metrics[s]["acc50"] * metrics[s]["n"] for s in splits) / n, n
-
-
 def compare(reference: Sequence[float], variant: Sequence[float], n: int) -> dict:
     """The reference's accuracy minus the variant's (per-seed accuracies, %, each on n samples), its margin (two
     standard errors of the difference, `vgstudy.compare`'s) and the outcome: "holds" (the reference is better by

@@ -20,11 +20,11 @@ mode (so r = 0 on the first call, 1 from call warmup_steps + 1 on). n is kept in
 buffer, so a checkpoint resumes the ramp where it was; calls in eval mode neither count nor change r.
 
 The teacher runs under torch.no_grad and in eval mode: no term sends a gradient into it. With `cache=True` its
-embeddings are kept per sample, keyed by (batch["sources"][i], text) (samples without a source are never cached),
-and `cache_hits` / `cache_misses` count samples. That is only right when the training transform is deterministic
-(`dataclasses.replace(model.transform, train=False)`, i.e. no augmentation), so the caller switches it on only then:
-with random crops or jitter a cached embedding is of another view of the image. The cache holds 3 x embed_dim floats
-per sample on the model's device.
+embeddings are kept per sample in a `vgstudy.models.memo.BackboneMemo`, keyed by (batch["sources"][i], text)
+(samples without a source are never cached), and `cache_hits` / `cache_misses` count samples. That is only right
+when the training transform is deterministic (`dataclasses.replace(model.transform, train=False)`, i.e. no
+augmentation), so the caller switches it on only then: with random crops or jitter a cached embedding is of another
+view of the image. The cache holds 3 x embed_dim floats per sample on the model's device.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from vgstudy.losses import BoxCriterion
 from vgstudy.losses_hivg import contrastive_loss
 from vgstudy.models.base import Output
 from vgstudy.models.epmvg import AUX_KEYS, EpmVGR
+from vgstudy.models.memo import BackboneMemo
 
 DISTILLATION_TERMS = ("feature", "relation", "contrastive", "region")
 # The teacher embeddings each term reads ("region" is the teacher's embedding of the ground-truth crop).
@@ -139,8 +140,15 @@ class EpmVGRCriterion:
         self.temperature = model.teacher.temperature() if temperature is None else float(temperature)
         self.cache = cache
         self.box_criterion = BoxCriterion()  # TransVG's L1 + GIoU, weights 1 and 1
-        self.cache_hits = self.cache_misses = 0
-        self._cached: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self.memo = BackboneMemo() if cache else None
+
+    @property
+    def cache_hits(self) -> int:
+        return 0 if self.memo is None else self.memo.hits
+
+    @property
+    def cache_misses(self) -> int:
+        return 0 if self.memo is None else self.memo.misses
 
     @property
     def distillation_scale(self) -> float:
@@ -179,20 +187,14 @@ class EpmVGRCriterion:
         """The teacher's unit-norm (B, embed_dim) float32 embeddings of the batch: "image" (the whole image), "text"
         (the expression), "region" (the ground-truth crop), those in `names`; from the cache where it has them."""
         names = tuple(name for name in ("image", "text", "region") if name in names)
-        texts, sources = batch["texts"], batch.get("sources") or [None] * len(batch["texts"])
-        keys = [(source, text) if self.cache and source else None for source, text in zip(sources, texts, strict=True)]
-        rows = [dict(self._cached.get(key, {})) if key is not None else {} for key in keys]
-        missing = [i for i, row in enumerate(rows) if any(name not in row for name in names)]
-        if missing:
-            computed = self._compute(batch, missing, names)
-            for j, i in enumerate(missing):
-                rows[i].update({name: computed[name][j] for name in names})
-                if keys[i] is not None:
-                    self._cached.setdefault(keys[i], {}).update(rows[i])
-        self.cache_hits += len(rows) - len(missing)
-        self.cache_misses += len(missing)
         device = batch["images"].device
-        return {name: torch.stack([row[name] for row in rows]).to(device) for name in names}
+        if self.memo is None:
+            out = self._compute(batch, list(range(len(batch["texts"]))), names)
+        else:
+            texts, sources = batch["texts"], batch.get("sources") or [None] * len(batch["texts"])
+            keys = [(names, source, text) if source else None for source, text in zip(sources, texts, strict=True)]
+            out = self.memo.run(keys, lambda rows: self._compute(batch, rows.tolist(), names))
+        return {name: value.to(device) for name, value in out.items()}
 
     @torch.no_grad()
     def _compute(self, batch: dict, indices: list[int], names: tuple[str, ...]) -> dict[str, torch.Tensor]:

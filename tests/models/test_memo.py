@@ -54,6 +54,21 @@ def test_the_memo_computes_each_new_row_once_and_keeps_the_batch_order():
     assert (memo.hits, memo.misses, len(memo)) == (0, 0, 0)
 
 
+def test_rows_without_a_key_are_computed_every_time_and_never_remembered():
+    calls = []
+    inputs = torch.tensor([[1.0], [2.0], [3.0]])
+
+    def compute(rows):
+        calls.append(rows.tolist())
+        return {"x": inputs[rows]}
+
+    memo = BackboneMemo()
+    assert torch.equal(memo.run([None, "b", None], compute)["x"], inputs)
+    assert torch.equal(memo.run([None, "b", None], compute)["x"], inputs)
+    assert calls == [[0, 1, 2], [0, 2]]
+    assert (memo.hits, memo.misses, len(memo)) == (1, 5, 1)
+
+
 def test_a_full_memo_still_answers_but_remembers_nothing_more():
     memo = BackboneMemo(max_entries=2)
     inputs = torch.arange(4.0).unsqueeze(1)

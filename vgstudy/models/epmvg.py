@@ -37,6 +37,7 @@ from vgstudy.errors import ConfigError
 from vgstudy.evaluate import cxcywh_to_xyxy
 from vgstudy.models.backbones import CLIPBackbone, ResNetDETREncoder, TextTower, VisionTower, build_backbone
 from vgstudy.models.base import Output
+from vgstudy.models.memo import BackboneMemo
 from vgstudy.models.registry import register
 from vgstudy.models.transvg import TransVG, transvg_r50, transvg_tiny
 
@@ -302,6 +303,11 @@ class EpmVGR(nn.Module):
     @property
     def image_size(self) -> int:
         return self.student.image_size
+
+    def remember_frozen_backbones(self, memo: BackboneMemo | None) -> None:
+        """The student's frozen backbones answer from `memo` (`TransVG.remember_frozen_backbones`); the teacher's
+        embeddings are remembered by the criterion (`EpmVGRCriterion(cache=True)`)."""
+        self.student.remember_frozen_backbones(memo)
 
     def forward(self, images: torch.Tensor, texts: list[str] | TokenBatch, valid: torch.Tensor | None = None) -> Output:
         """images (B, 3, S, S) through `transform`; texts: B strings; valid (B, S, S) bool (True on image pixels)."""

@@ -39,10 +39,11 @@ def tensor_key(*rows: torch.Tensor | None) -> bytes:
 class BackboneMemo:
     """Per-input memory of a frozen backbone's outputs.
 
-    `memo.run(keys, compute, rows)` returns the stacked outputs for `keys`: the remembered ones from memory, the others
-    from `compute(index)` (index: LongTensor of the batch rows to compute), which must return a dict of tensors with
-    the batch as first dimension; those rows are then remembered (detached, on the device they were computed on).
-    hits and misses count rows, for reporting how much was saved.
+    `memo.run(keys, compute)` returns the stacked outputs for the batch whose rows `keys` name: the remembered ones
+    from memory, the others from `compute(index)` (index: LongTensor of the batch rows to compute), which must return a
+    dict of tensors with the batch as first dimension; those rows are then remembered (detached, on the device they
+    were computed on). A key of None is a row that may not be remembered (an input without a stable identity): it is
+    computed every time. hits and misses count rows, for reporting how much was saved.
     """
 
     def __init__(self, max_entries: int = 200_000):
@@ -61,23 +62,31 @@ class BackboneMemo:
         self.hits = self.misses = 0
 
     def run(
-        self, keys: Sequence[object], compute: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+        self, keys: Sequence[object | None], compute: Callable[[torch.Tensor], dict[str, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
-        missing = [i for i, key in enumerate(keys) if key not in self._entries]
-        computed: dict[object, dict[str, torch.Tensor]] = {}
-        if missing:
-            # Duplicates inside one batch are computed once.
-            first_of = {}
-            for i in missing:
-                first_of.setdefault(keys[i], i)
-            rows = list(first_of.values())
-            out = compute(torch.tensor(rows, dtype=torch.long))
-            for j, key in enumerate(first_of):
-                computed[key] = {name: value[j].detach() for name, value in out.items()}
-            room = self.max_entries - len(self._entries)
-            for key in list(computed)[: max(room, 0)]:
-                self._entries[key] = computed[key]
-        self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
-        entries = [self._entries.get(key) or computed[key] for key in keys]
-        return {name: torch.stack([entry[name] for entry in entries]) for name in entries[0]}
+        known = [key is not None and key in self._entries for key in keys]
+        # The rows to compute: each unknown key once (a duplicate in the batch reuses its first row), every None row.
+        position: dict[int, int] = {}  # batch row -> row of the computed output
+        first_of: dict[object, int] = {}
+        to_compute: list[int] = []
+        for i, key in enumerate(keys):
+            if known[i]:
+                continue
+            if key is not None and key in first_of:
+                position[i] = position[first_of[key]]
+                continue
+            if key is not None:
+                first_of[key] = i
+            position[i] = len(to_compute)
+            to_compute.append(i)
+        computed: list[dict[str, torch.Tensor]] = []
+        if to_compute:
+            out = compute(torch.tensor(to_compute, dtype=torch.long))
+            computed = [{name: value[j].detach() for name, value in out.items()} for j in range(len(to_compute))]
+            room = max(self.max_entries - len(self._entries), 0)
+            for key, i in list(first_of.items())[:room]:
+                self._entries[key] = computed[position[i]]
+        self.hits += sum(known)
+        self.misses += len(keys) - sum(known)
+        rows = [self._entries[key] if known[i] else computed[position[i]] for i, key in enumerate(keys)]
+        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
