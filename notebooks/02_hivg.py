@@ -57,13 +57,13 @@ import torch
 
 import vgstudy
 from vgstudy import hivg_study, viz, zoo
-from vgstudy.compare import estimate
+from vgstudy.compare import estimate, markdown_table, pooled_accuracy
 from vgstudy.config import HiVGParams, resolve_device
 from vgstudy.data import GroundingTransform, TransformConfig
 from vgstudy.data.transforms import TransformedDataset
 from vgstudy.evaluate import box_metrics, cxcywh_to_xyxy
 from vgstudy.experiment import baselines, eval_split_names, grounding_data, train_and_evaluate
-from vgstudy.hivg_study import Recipe, build_run, compare, pooled_accuracy
+from vgstudy.hivg_study import Recipe, build_run, compare
 from vgstudy.models import build_backbone, describe, hilora, hivg
 from vgstudy.notebook import run_dir
 from vgstudy.papers import ablation, load_paper, reported
@@ -78,13 +78,6 @@ zoo_profile = "study" if params.profile == "study" else "tiny"
 model_dataset = "unc" if params.dataset == "synthref" else params.dataset  # picks the release's text levels
 seeds = params.seeds()
 print(params)
-
-
-def markdown_table(header, rows):
-    """A Markdown table as text (printed: readable in the notebook and stable for nbval)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # %% [markdown]

@@ -62,6 +62,7 @@ import torch
 
 import vgstudy
 from vgstudy import mapper_study, viz, zoo
+from vgstudy.compare import markdown_table
 from vgstudy.config import MaPPERParams
 from vgstudy.data import GroundingTransform, TransformConfig
 from vgstudy.data.transforms import TransformedDataset, collate
@@ -89,13 +90,6 @@ out = run_dir(params.out_dir, "03_mapper", params.run_id)
 size = "b" if params.profile == "paper" else "tiny"
 zoo_profile = "study" if params.profile == "study" else "tiny"
 print(params)
-
-
-def markdown_table(header, rows):
-    """A Markdown table as text (printed: readable in the notebook and stable for nbval)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # %% [markdown]

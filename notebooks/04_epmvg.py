@@ -68,6 +68,7 @@ from torch.utils.data import Subset
 
 import vgstudy
 from vgstudy import zoo
+from vgstudy.compare import markdown_table, pooled_accuracy
 from vgstudy.config import EpmVGParams
 from vgstudy.data import GroundingTransform, TransformedDataset, collate
 from vgstudy.epmvg_study import (
@@ -79,7 +80,6 @@ from vgstudy.epmvg_study import (
     modality_gap,
     other_method_results,
     pair_embeddings,
-    pooled_accuracy,
     similarities,
     step_times,
     training_flops,
@@ -97,13 +97,6 @@ out = run_dir(params.out_dir, "04_epmvg", params.run_id)
 zoo_profile = "study" if params.profile == "study" else "tiny"
 GAP_PAIRS = 1000  # at most this many held-out pairs for the modality gap (an N x N similarity matrix)
 print(params)
-
-
-def markdown_table(header, rows):
-    """A Markdown table as text (printed: readable in the notebook and stable for nbval)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # %% [markdown]
@@ -475,9 +468,9 @@ for key, seconds in median.items():
 # ## 6 · Verdicts, computed
 #
 # Decisions use the accuracy over all evaluation splits together (3 × `n_eval` samples per run). A difference counts
-# only beyond two standard errors of the difference, each side's error the larger of the binomial one and, with two
-# seeds or more, the seeds' own spread; both sides are evaluated on the same samples, so this margin is on the
-# conservative side. Verdicts about rows not in `grid` say so.
+# only beyond two standard errors of the difference (`vgstudy.compare.Estimate`: each side's binomial error on its
+# samples joined with, from two seeds on, the seeds' own spread); both sides are evaluated on the same samples, so
+# this margin is on the conservative side. Verdicts about rows not in `grid` say so.
 
 # %%
 verdicts = {}
