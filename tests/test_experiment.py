@@ -56,6 +56,10 @@ def test_backbones_params_check_variants_and_paper_weights():
     with pytest.raises(ConfigError) as error:
         load({"profile": "paper", "variants": "random"}, BackbonesParams)
     assert "bert_weights" in str(error.value) and "detr_weights" not in str(error.value)
+    # Backbones that train cannot be remembered.
+    with pytest.raises(ConfigError, match="remember_backbones: true needs freeze_backbones"):
+        load({"freeze_backbones": False}, BackbonesParams)
+    assert load({"freeze_backbones": False, "remember_backbones": False}, BackbonesParams).remember_backbones is False
 
 
 @pytest.mark.parametrize("path", sorted(PARAMS_DIR.glob("*.yaml")), ids=lambda p: p.name)

@@ -110,6 +110,11 @@ class BackbonesParams(DataParams):
     lr: float = param(5e-4, "learning rate of the fusion and head (the release: 1e-4)", low=0)
     backbone_lr_scale: float = param(0.1, "backbone learning rate / lr when not frozen (the release: 0.1)", low=0)
     freeze_backbones: bool = param(True, "freeze both backbones (tiny: only the fusion trains)")
+    remember_backbones: bool = param(
+        True,
+        "train without augmentation and remember the frozen backbones' outputs (each input runs through them once); "
+        "needs freeze_backbones",
+    )
     detr_weights: Path | None = param(
         None, "paper: local DETR-R50 checkpoint for the unimodal visual branch", exists=True
     )
@@ -121,6 +126,11 @@ class BackbonesParams(DataParams):
 
     def problems(self) -> list[str]:
         out = super().problems()
+        if self.remember_backbones and not self.freeze_backbones:
+            out.append(
+                "remember_backbones: true needs freeze_backbones: true (backbones that train change their outputs); "
+                "set remember_backbones: false"
+            )
         unknown = [v for v in self.variant_list() if v not in BACKBONE_VARIANTS]
         if unknown or not self.variant_list():
             out.append(f"variants: {self.variants!r}: expected a comma-separated subset of {BACKBONE_VARIANTS}")
