@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgstudy.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, TransformConfig
-from vgstudy.errors import ConfigError, DataError
+from vgstudy.errors import ConfigError
 from vgstudy.models.backbones import CLIPBackbone, build_backbone
-from vgstudy.models.base import Output
+from vgstudy.models.base import Output, check_inputs
 from vgstudy.models.head import GroundingHead
 from vgstudy.models.hilora import (
     HILORA_SCHEDULE,
@@ -432,7 +432,7 @@ class HiVG(nn.Module):
     def forward(self, images: torch.Tensor, texts: list[str], valid: torch.Tensor | None = None) -> Output:
         """images (B, 3, S, S) through `transform`; texts: B strings; valid (B, S, S) bool, True on image pixels
         (None: no padding); padded patches are masked in the head, as the release does."""
-        self._check_inputs(images, texts, valid)
+        check_inputs("HiVG", self.image_size, images, texts, valid)
         batch = self.clip.text.tokenize(texts)  # ids, mask (B, L)
         text = self.clip.text(batch, return_hidden=True)
         levels = [text.hidden_states[i] for i in self.config.text_levels]  # (B, L, Dt) each
@@ -489,21 +489,6 @@ class HiVG(nn.Module):
         resized = F.interpolate(padding, size=self.grid_hw, mode="bilinear", align_corners=False, antialias=True)
         patches = resized[0] != 0  # (B, h, w)
         return torch.cat([patches.new_zeros(b, 1), patches.flatten(1)], dim=1)
-
-    def _check_inputs(self, images: torch.Tensor, texts: list[str], valid: torch.Tensor | None) -> None:
-        size = self.image_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise DataError(
-                f"HiVG images of shape {tuple(images.shape)}: expected (B, 3, {size}, {size}), images through the "
-                "model's transform (vgstudy.data.GroundingTransform(model.transform))"
-            )
-        if isinstance(texts, str) or len(texts) != len(images):
-            raise DataError(f"HiVG texts: expected a list of {len(images)} strings, one per image, got {texts!r}")
-        if valid is not None and tuple(valid.shape) != (len(images), size, size):
-            raise DataError(
-                f"HiVG valid of shape {tuple(valid.shape)}: expected ({len(images)}, {size}, {size}) bool, True on "
-                "image pixels"
-            )
 
     # --- HiLoRA stages ----------------------------------------------------------------------------------------------
 

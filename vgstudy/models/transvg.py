@@ -32,7 +32,7 @@ from torch import nn
 
 from vgstudy.data.tokenizers import TokenBatch
 from vgstudy.data.transforms import TransformConfig
-from vgstudy.errors import ConfigError, DataError
+from vgstudy.errors import ConfigError
 from vgstudy.models.backbones import (
     CLIPBackbone,
     ResNetDETREncoder,
@@ -40,7 +40,7 @@ from vgstudy.models.backbones import (
     VisionTower,
     build_backbone,
 )
-from vgstudy.models.base import Output
+from vgstudy.models.base import Output, check_inputs
 from vgstudy.models.head import GroundingHead
 from vgstudy.models.memo import BackboneMemo, tensor_key
 from vgstudy.models.registry import register
@@ -160,7 +160,7 @@ class TransVG(nn.Module):
         aux: "reg" (B, dim) the [REG] output; "visual_tokens" (B, Nv, dim) and "text_tokens" (B, L, dim) after the
         projections; "visual_mask" (B, Nv) and "text_mask" (B, L) bool, True on real tokens.
         """
-        self._check_inputs(images, texts, valid)
+        check_inputs("TransVG", self.image_size, images, texts, valid, token_batch=True)
         visual_tokens, visual_padding = self._visual_tokens(images, valid)  # (B, Nv, Dv), (B, Nv)
         visual_tokens = self.visual_proj(visual_tokens)  # (B, Nv, dim)
         text_features, text_mask = self._text_tokens(texts)  # (B, L, Dt), (B, L)
@@ -220,22 +220,6 @@ class TransVG(nn.Module):
         # the nearest pixel of each cell, as DETR resizes its mask (the ResNet encoder has done so already)
         padding = F.interpolate(pixel_padding[None].float(), size=out.grid_hw).bool()[0]  # (B, h, w)
         return tokens, padding.flatten(1)
-
-    def _check_inputs(self, images: torch.Tensor, texts: list[str] | TokenBatch, valid: torch.Tensor | None) -> None:
-        size = self.image_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise DataError(
-                f"TransVG images of shape {tuple(images.shape)}: expected (B, 3, {size}, {size}), images through "
-                "the model's transform (vgstudy.data.GroundingTransform(model.transform))"
-            )
-        count = len(texts.ids) if isinstance(texts, TokenBatch) else None if isinstance(texts, str) else len(texts)
-        if count != len(images):
-            raise DataError(f"TransVG texts: expected a list of {len(images)} strings, one per image, got {texts!r}")
-        if valid is not None and tuple(valid.shape) != (len(images), size, size):
-            raise DataError(
-                f"TransVG valid of shape {tuple(valid.shape)}: expected ({len(images)}, {size}, {size}) bool, True "
-                "on image pixels"
-            )
 
 
 def _grid_tokens(visual: nn.Module) -> int:
