@@ -124,7 +124,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from e
 
 
-def _listed(kind: str, keys: list[str]) -> str:
+def listed(kind: str, keys: list[str]) -> str:
+    """Error-message text: "3 <kind>: a, b, c" (the first keys, then how many more); "" for no keys."""
+    if not keys:
+        return ""
     shown = ", ".join(keys[:_MAX_KEYS_LISTED])
     more = f" and {len(keys) - _MAX_KEYS_LISTED} more" if len(keys) > _MAX_KEYS_LISTED else ""
     return f"{len(keys)} {kind}: {shown}{more}"
@@ -148,11 +151,11 @@ def load_into(
     ]
     problems = []
     if mis_shaped:
-        problems.append(_listed("keys with a different shape", mis_shaped))
+        problems.append(listed("keys with a different shape", mis_shaped))
     if strict and missing:
-        problems.append(_listed("keys missing from the checkpoint", missing))
+        problems.append(listed("keys missing from the checkpoint", missing))
     if strict and unexpected:
-        problems.append(_listed("unexpected keys in the checkpoint", unexpected))
+        problems.append(listed("unexpected keys in the checkpoint", unexpected))
     if problems:
         raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(dict(state_dict), strict=strict)

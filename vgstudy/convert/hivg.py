@@ -26,7 +26,6 @@ A released model is evaluated as: `state, args = read_release_checkpoint(path)`;
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vgstudy.checkpoint import safe_torch_load
+from vgstudy.checkpoint import listed
+from vgstudy.convert import release
 from vgstudy.errors import CheckpointError, ConfigError
 
 PEFT_SCHEMES = ("base_layer", "plain")
@@ -145,11 +145,6 @@ def _strip_wraps(key: str) -> tuple[str, int]:
     return _CLIP_PREFIX + rest, wraps
 
 
-def _listed(kind: str, keys: list[str]) -> str:
-    shown = ", ".join(keys[:20])
-    return f"{len(keys)} {kind}: {shown}" + (f" and {len(keys) - 20} more" if len(keys) > 20 else "")
-
-
 def _model_keys(model: nn.Module) -> dict[str, str]:
     """The model's state-dict keys by their peft-free form (one adapter per adapted layer)."""
     keys: dict[str, str] = {}
@@ -204,17 +199,17 @@ def from_release(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> di
         )
     problems = []
     if unmapped:
-        problems.append(_listed("release keys that map to no key of the model", sorted(unmapped)))
+        problems.append(listed("release keys that map to no key of the model", sorted(unmapped)))
     missing = sorted(key for key in expected if key not in converted)
     if missing:
-        problems.append(_listed("model keys the release checkpoint does not provide", missing))
+        problems.append(listed("model keys the release checkpoint does not provide", missing))
     mis_shaped = sorted(
         f"{key} (release {tuple(value.shape)}, model {tuple(expected[key].shape)})"
         for key, value in converted.items()
         if value.shape != expected[key].shape
     )
     if mis_shaped:
-        problems.append(_listed("keys of another shape (another architecture or LoRA rank?)", mis_shaped))
+        problems.append(listed("keys of another shape (another architecture or LoRA rank?)", mis_shaped))
     if problems:
         raise CheckpointError(f"release checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
     return converted
@@ -292,18 +287,9 @@ def to_release(model: nn.Module, wraps: int, peft_scheme: str = "base_layer") ->
 
 
 def read_release_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(the "model" state dict, the training arguments as a dict ({} when absent)) of a release checkpoint file.
-
-    Read with `torch.load(weights_only=True)`, allowing argparse.Namespace (the release stores its arguments so):
-    anything else that is not a tensor or plain container is refused with a CheckpointError.
-    """
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = safe_torch_load(path)
-    state_dict = checkpoint.get("model") if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"release checkpoint {path}: expected a dict with a state dict under 'model'")
-    args = checkpoint.get("args")
-    return state_dict, vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    """(the "model" state dict, the training arguments as a dict ({} when absent)) of a HiVG release checkpoint
+    file, read safely (`vgstudy.convert.release.read_release_checkpoint`)."""
+    return release.read_release_checkpoint(path, "HiVG")
 
 
 def release_overrides(args: Mapping) -> tuple[dict, str]:

@@ -24,14 +24,14 @@ A released model is evaluated as: `state, args = read_release_checkpoint(path)`;
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vgstudy.checkpoint import safe_torch_load
+from vgstudy.checkpoint import listed
+from vgstudy.convert import release
 from vgstudy.errors import CheckpointError, ConfigError
 
 # vgstudy key prefix -> release key prefix; every key of a TransVG model starts with exactly one of them.
@@ -88,9 +88,9 @@ def from_release(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> di
         if value.shape != expected[key].shape
     )
     problems = [
-        _listed("release keys that map to no key of the model", sorted(unmapped)),
-        _listed("model keys the release checkpoint does not provide", missing),
-        _listed("keys of another shape (another backbone, width, image size or text length?)", mis_shaped),
+        listed("release keys that map to no key of the model", sorted(unmapped)),
+        listed("model keys the release checkpoint does not provide", missing),
+        listed("keys of another shape (another backbone, width, image size or text length?)", mis_shaped),
     ]
     problems = [problem for problem in problems if problem]
     if problems:
@@ -123,15 +123,9 @@ def to_release(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def read_release_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(the "model" state dict, the training arguments as a dict ({} when absent)) of a release checkpoint file,
-    read with `weights_only=True` (argparse.Namespace allowed: the release stores its arguments so)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = safe_torch_load(path)
-    state_dict = checkpoint.get("model") if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"TransVG release checkpoint {path}: expected a dict with a state dict under 'model'")
-    args = checkpoint.get("args")
-    return state_dict, vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    """(the "model" state dict, the training arguments as a dict ({} when absent)) of a TransVG release checkpoint
+    file, read safely (`vgstudy.convert.release.read_release_checkpoint`)."""
+    return release.read_release_checkpoint(path, "TransVG")
 
 
 # The release's argument -> (TransVG field, ResNetDETRConfig field): what a release run sets (train.py defaults).
@@ -178,10 +172,3 @@ def release_overrides(args: Mapping) -> dict:
     if detr:
         overrides["visual_options"] = detr
     return overrides
-
-
-def _listed(kind: str, keys: list[str]) -> str:
-    if not keys:
-        return ""
-    shown = ", ".join(keys[:20]) + (f" and {len(keys) - 20} more" if len(keys) > 20 else "")
-    return f"{len(keys)} {kind}: {shown}"
