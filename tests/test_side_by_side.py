@@ -7,6 +7,7 @@ Speed is never asserted; these tests check that the figures are computed, compar
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import json
@@ -79,8 +80,8 @@ def test_a_folder_that_is_not_the_release_is_named_with_what_it_lacks(fake_relea
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        ([], r"method None: expected one of hivg, transvg"),
-        (["epmvg"], r"method 'epmvg': expected one of hivg, transvg"),
+        ([], r"method None: expected one of hivg, transvg, mapper"),
+        (["epmvg"], r"method 'epmvg': expected one of hivg, transvg, mapper"),
         (["hivg", "--sizes", "r50"], r"--sizes 'r50': expected hivg sizes from \['b', 'narrow'\]"),
         (["hivg", "--steps", "0"], r"--steps 0: expected at least 1"),
         (["hivg", "--batch", "0"], r"--batch 0: expected at least 1"),
@@ -334,6 +335,169 @@ def test_transvgs_report_compares_boxes_and_names_its_sizes():
     assert "HiLoRA" not in markdown
 
 
+# --- MaPPER: the release's checkout, sizes, stages on both sides, the report ---------------------------------------
+
+MAPPER = sbs.METHODS["mapper"]
+
+
+@pytest.fixture
+def fake_mapper_release(tmp_path):
+    """A folder with the files a MaPPER checkout must have (empty: only the argument checks look at it)."""
+    for name in MAPPER.release_files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    return tmp_path
+
+
+def test_mappers_release_comes_from_its_own_variable_and_b_is_the_default(fake_mapper_release, monkeypatch):
+    monkeypatch.delenv("MAPPER_RELEASE", raising=False)
+    with pytest.raises(ConfigError, match="set MAPPER_RELEASE to a checkout of liuting20/MaPPER"):
+        sbs.parse_arguments(["mapper"])
+    monkeypatch.setenv("MAPPER_RELEASE", str(fake_mapper_release))
+    args = sbs.parse_arguments(["mapper"])
+    assert args.release == fake_mapper_release.resolve() and args.sizes == ("b",)
+    assert sbs.parse_arguments(["mapper", "--sizes", "narrow,b"]).sizes == ("narrow", "b")
+    with pytest.raises(ConfigError, match=r"expected mapper sizes from \['b', 'narrow'\]"):
+        sbs.parse_arguments(["mapper", "--sizes", "r50"])
+    (fake_mapper_release / "configs" / "med_config.json").unlink()
+    with pytest.raises(ConfigError, match=r"not a MaPPER checkout \(missing configs/med_config\.json\)"):
+        sbs.parse_arguments(["mapper"])
+
+
+def test_mapper_sizes_are_what_vgstudy_builds_from_the_releases_arguments():
+    """The release fixes all but the fusion; release_overrides of a size's arguments gives vgstudy that fusion."""
+    from vgstudy.convert.mapper import release_overrides
+    from vgstudy.models.mapper import PAPER_DEPTH, PAPER_POSITIONS, RELEASE_PRIOR_MASK_LEN, MaPPERConfig
+
+    paper = MaPPERConfig()
+    for size in MAPPER.sizes.values():
+        assert size.adapter_blocks == PAPER_POSITIONS and size.depth == size.prior_depth == PAPER_DEPTH
+        assert size.text_len == RELEASE_PRIOR_MASK_LEN and size.image_size == 37 * size.patch
+        arguments = size.release_arguments()
+        value = {name.removeprefix("--"): arguments[i + 1] for i, name in enumerate(arguments) if i % 2 == 0}
+        assert value["device"] == "cpu" and value["dataset"] == "unc"
+        numbers = {key: int(text) for key, text in value.items() if text.isdigit()}
+        overrides = release_overrides(argparse.Namespace(**numbers))
+        assert overrides == {
+            "fidelity": "release",
+            "max_len": size.text_len,
+            "image_size": size.image_size,
+            "dim": size.fusion_width,
+            "depth": size.fusion_depth,
+            "heads": size.fusion_heads,
+            "ffn_dim": size.fusion_ffn,
+        }
+    b = MAPPER.sizes["b"]
+    assert (b.fusion_width, b.fusion_depth, b.fusion_heads, b.fusion_ffn) == (
+        paper.dim, paper.depth, paper.heads, paper.ffn_dim
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mapper_micro():
+    """vgstudy's MaPPER with the release's behaviour at the tiny profile (random weights), and its MaPPERSize."""
+    from vgstudy.models import build
+    from vgstudy.models.mapper import TINY_DEPTH, tiny_config
+
+    torch.manual_seed(0)
+    model = build("mapper-tiny", fidelity="release").eval()
+    config = tiny_config(show=False)
+    size = sbs.MaPPERSize(
+        "micro", fusion_width=config["dim"], fusion_depth=config["depth"], fusion_heads=config["heads"],
+        fusion_ffn=config["ffn_dim"], image_size=model.image_size, patch=model.visual.patch_size, depth=TINY_DEPTH,
+        prior_depth=model.prior.depth, adapter_blocks=config["visual_positions"],
+    )  # fmt: skip
+    assert config["text_positions"] == config["visual_positions"]
+    return model, size
+
+
+def test_mapper_stages_are_caught_on_vgstudys_side_in_forward_order(mapper_micro):
+    model, size = mapper_micro
+    caught: dict[str, torch.Tensor] = {}
+    s = size.image_size
+    valid = torch.ones(2, s, s, dtype=torch.bool)
+    valid[1, : s // 4] = False
+    with torch.no_grad(), sbs.caught_stages(model, "ours", MAPPER, size, caught):
+        model(torch.randn(2, 3, s, s), ["the red circle", "a blue square on the left"], valid=valid)
+    assert list(caught) == MAPPER.stage_names(size)  # dicts keep the order the hooks fired in
+    tokens = 1 + (s // size.patch) ** 2
+    assert caught["prior.0"].shape == (2, 20, model.prior.width)
+    assert caught["text.1.dypa"].shape == caught["text.1"].shape == caught["pgt"].shape == (2, 20, model.text.width)
+    assert caught["visual.1.loca"].shape == caught["visual.norm"].shape == (2, tokens, model.visual.width)
+    assert caught["fusion.0"].shape == (2, 1 + 20 + tokens, size.fusion_width)
+    assert caught["box_mlp"].shape == (2, 4)
+
+
+def test_mapper_release_stage_modules_are_in_the_converters_layout(mapper_micro):
+    """Every release module a stage names holds weights of the release's state dict (vgstudy.convert.mapper's key
+    layout, as `to_release` writes it); the CLIP blocks and the fusion, run (L, B, C) there, are transposed."""
+    from vgstudy.convert.mapper import release_key, to_release
+
+    model, size = mapper_micro
+    release_keys = list(to_release(model))
+    ours = dict(model.named_modules())
+    for stage in MAPPER.stage_names(size):
+        module, own = MAPPER.stage_module(stage, "release"), MAPPER.stage_module(stage, "ours")
+        assert own in ours, stage
+        own_keys = [key for key in model.state_dict() if key.startswith(own + ".")]
+        assert own_keys and {release_key(key) for key in own_keys} <= set(release_keys), stage
+        assert all(release_key(key).startswith(module + ".") for key in own_keys), (stage, module)
+    transposed = [stage for stage in MAPPER.stage_names(size) if MAPPER.release_sequence_first(stage)]
+    assert transposed == [*(f"prior.{i}" for i in range(size.prior_depth)), "fusion.0", "fusion.1", "fusion.2"]
+
+
+def test_mappers_unread_patterns_name_exactly_the_weights_no_forward_reads(mapper_micro):
+    """vgstudy's: BERT's pooler, its token-type embedding (the release's BERT has none) and DyPA's unused prior
+    projection; the release's are the converter's list."""
+    import re
+
+    from vgstudy.convert.mapper import RELEASE_UNUSED, to_release
+
+    model, _ = mapper_micro
+    patterns = [re.compile(pattern) for pattern in MAPPER.unread("ours")]
+    unread = sorted(name for name, _ in model.named_parameters() if any(p.fullmatch(name) for p in patterns))
+    assert "text.embeddings.token_type_embeddings.weight" in unread
+    assert all(".pooler." in name or ".prior_down." in name or "token_type" in name for name in unread)
+    assert len([name for name in unread if "prior_down" in name]) == 2 * 3  # weight and bias of 3 DyPAs
+    assert not any(key.startswith("textmodel.bert.embeddings.token_type") for key in to_release(model))
+    assert MAPPER.unread("release") == [pattern.pattern for pattern in RELEASE_UNUSED]
+    read_keys = {key for key in to_release(model) if not any(p.fullmatch(key) for p in RELEASE_UNUSED)}
+    assert not any("dapt_text.clip_down_proj" in key for key in read_keys)
+
+
+def test_mappers_report_compares_boxes_and_names_its_size(mapper_micro):
+    _, size = mapper_micro
+    release = {f"stage.{stage}": torch.randn(2, 3) for stage in MAPPER.stage_names(size)}
+    release |= {"output.boxes": torch.rand(2, 4), "output.tokens": torch.randint(0, 30522, (2, 20))}
+    ours = {key: value.clone() for key, value in release.items()}
+    ours["stage.text.3.dypa"] += 1.0
+    ours["stage.text.3"] += 1.0
+    agreement = {"letterboxed": sbs.compare(ours, release, MAPPER, size)}
+    assert agreement["letterboxed"]["first_divergent_stage"] == "text.3.dypa"
+    assert agreement["letterboxed"]["boxes_agree"] and agreement["letterboxed"]["tokens_equal"]
+    report = fake_report()
+    report["method"] = "mapper"
+    entry = report["sizes"][0]
+    b = MAPPER.sizes["b"]
+    entry.update(size=dataclasses.asdict(b), description=b.describe(), agreement=agreement)
+    markdown = sbs.render_markdown(report)
+    assert markdown.startswith("# MaPPER side by side")
+    assert "## Size b: 518 px, DINOv2-B/14 + LoCA, BERT-base + DyPA, CLIP ViT-B/16 text prior, 20 tokens, fusion " \
+        "256 x 6 layers (8 heads, FFN 2048)" in markdown  # fmt: skip
+    assert "| letterboxed | 0.0e+00 | yes | text.3.dypa |" in markdown and "| text.3.dypa |" in markdown
+    assert "HiLoRA" not in markdown
+
+
+def test_the_release_saves_its_training_args_beside_its_weights(tmp_path):
+    """vgstudy's side rebuilds the model from the args the release worker saves in the weights file's metadata."""
+    meta = {"kind": "release state dict", "args": {"max_query_len": 20, "vl_hidden_dim": 64}}
+    sbs.write_tensors(tmp_path / "w.safetensors", {"x": torch.zeros(1)}, meta)
+    assert sbs.read_tensors(tmp_path / "w.safetensors")[1] == meta
+    sbs.write_tensors(tmp_path / "bare.safetensors", {"x": torch.zeros(1)}, {"kind": "release state dict"})
+    with pytest.raises(sbs.SideBySideError, match="no release training args in its metadata"):
+        sbs.MaPPEROurs(MAPPER.sizes["b"], tmp_path / "bare.safetensors")
+
+
 # --- Agreement and report --------------------------------------------------------------------------------------------
 
 
@@ -507,3 +671,29 @@ def test_transvgs_narrow_size_agrees_with_the_release(tmp_path):
         assert agreement["first_divergent_stage"] is None, case
     assert entry["parameters"]["ours"] == entry["parameters"]["release"]  # one to one, BERT's pooler unread on both
     assert (tmp_path / "results.md").read_text().startswith("# TransVG side by side")
+
+
+MAPPER_RELEASE = os.environ.get("MAPPER_RELEASE")
+MAPPER_PYTHON = os.environ.get("MAPPER_RELEASE_PYTHON")
+
+
+@pytest.mark.slow  # DINOv2-B at 518 px on both sides: minutes on 2 cores
+@pytest.mark.skipif(
+    not MAPPER_RELEASE or not MAPPER_PYTHON,
+    reason="MAPPER_RELEASE and MAPPER_RELEASE_PYTHON are not both set: set them to a checkout of liuting20/MaPPER and "
+    "a Python with its pins (torch, torchvision, transformers 4.39.3, timm 0.5.4, pytorch-pretrained-bert 0.6.2, "
+    "einops, ftfy, regex, safetensors) to compare against the release",
+)
+def test_mappers_narrow_size_agrees_with_the_release(tmp_path):
+    argv = ["mapper", "--release", MAPPER_RELEASE, "--python", MAPPER_PYTHON, "--sizes", "narrow", "--steps", "1"]
+    report = sbs.main([*argv, "--out", str(tmp_path)])
+    entry = report["sizes"][0]
+    for case in ("square", "letterboxed"):
+        agreement = entry["agreement"][case]
+        assert agreement["boxes_agree"] and agreement["tokens_equal"], (case, agreement["outputs"])
+        assert agreement["first_divergent_stage"] is None, case
+    # the weights each forward reads are the same; the release trains as many (its unused DyPA projection included)
+    ours, release = entry["parameters"]["ours"], entry["parameters"]["release"]
+    assert ours["total"] - ours["unread"] == release["total"] - release["unread"]
+    assert ours["trainable"] == release["trainable"]
+    assert (tmp_path / "results.md").read_text().startswith("# MaPPER side by side")
