@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from vgstudy.checkpoint import load_into
+from vgstudy.checkpoint import listed, load_into
 from vgstudy.errors import CheckpointError
 from vgstudy.models.mapper import RELEASE_PRIOR_MASK_LEN, MaPPER
 
@@ -155,8 +155,8 @@ def from_release(state_dict: Mapping[str, torch.Tensor], model: MaPPER) -> dict[
         and not (_RELEASE_PRIOR_BLOCKS.fullmatch(key) and _keeps_prior_blocks(model))
     ]
     problems = [
-        _listed("release keys missing for the model", missing),
-        _listed("release keys with no place", unexpected),
+        listed("release keys missing for the model", missing),
+        listed("release keys with no place", unexpected),
     ]
     problems = [problem for problem in problems if problem]
     if problems:
@@ -225,10 +225,3 @@ def release_overrides(args: argparse.Namespace | None) -> dict:
     if overrides.get("max_len", RELEASE_PRIOR_MASK_LEN) != RELEASE_PRIOR_MASK_LEN:
         overrides["fixed_prior_mask"] = False
     return overrides
-
-
-def _listed(kind: str, keys: list[str]) -> str:
-    if not keys:
-        return ""
-    shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
-    return f"{len(keys)} {kind}: {shown}"

@@ -49,7 +49,7 @@ from torch import nn
 
 from vgstudy.data.tokenizers import TokenBatch, build_tokenizer
 from vgstudy.data.transforms import TransformConfig
-from vgstudy.errors import ConfigError, DataError
+from vgstudy.errors import ConfigError
 from vgstudy.models.backbones import (
     BertTextTower,
     CLIPBackbone,
@@ -57,7 +57,7 @@ from vgstudy.models.backbones import (
     DINOv2VisionTower,
     build_backbone,
 )
-from vgstudy.models.base import Output
+from vgstudy.models.base import Output, check_inputs
 from vgstudy.models.head import GroundingHead
 from vgstudy.models.registry import register
 
@@ -525,7 +525,7 @@ class MaPPER(nn.Module):
         the projections; "visual_mask" and "text_mask" bool, True on real tokens; "prior" (B, L, prior_dim) when the
         model has the prior.
         """
-        self._check_inputs(images, texts, valid)
+        check_inputs("MaPPER", self.image_size, images, texts, valid)
         batch = self.text.tokenize(texts)  # BERT's ids (B, L)
         prior = self.prior_features(texts, batch) if self.prior is not None else None  # (B, L, P)
         text_tokens = self._text_tokens(batch, prior)  # (B, L, Dt)
@@ -619,21 +619,6 @@ class MaPPER(nn.Module):
             return torch.zeros((b, 1 + h * w), dtype=torch.bool, device=images.device)
         cells = F.interpolate((~valid.bool())[None].float(), size=(h, w)).bool()[0]  # (B, h, w)
         return torch.cat([cells.new_zeros(b, 1), cells.flatten(1)], dim=1)
-
-    def _check_inputs(self, images: torch.Tensor, texts: list[str], valid: torch.Tensor | None) -> None:
-        size = self.image_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise DataError(
-                f"MaPPER images of shape {tuple(images.shape)}: expected (B, 3, {size}, {size}), images through "
-                "the model's transform (vgstudy.data.GroundingTransform(model.transform))"
-            )
-        if isinstance(texts, str) or len(texts) != len(images):
-            raise DataError(f"MaPPER texts: expected a list of {len(images)} strings, one per image, got {texts!r}")
-        if valid is not None and tuple(valid.shape) != (len(images), size, size):
-            raise DataError(
-                f"MaPPER valid of shape {tuple(valid.shape)}: expected ({len(images)}, {size}, {size}) bool, True "
-                "on image pixels"
-            )
 
 
 def _embed_without_token_types(embeddings: nn.Module, ids: torch.Tensor) -> torch.Tensor:
