@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from vgstudy.checkpoint import listed, load_into
+from vgstudy.convert import release
 from vgstudy.errors import CheckpointError
 from vgstudy.models.mapper import RELEASE_PRIOR_MASK_LEN, MaPPER
 
@@ -45,12 +46,7 @@ _PREFIXES = {
     "text.": "textmodel.bert.",
     "prior.": "textmodel_clip.clip.",
     "pgt.proj.": "text_adapter.down.",
-    "visual_proj.": "visu_proj.",
-    "text_proj.": "text_proj.",
-    "head.reg_token.": "reg_token.",
-    "head.pos_embed.": "vl_pos_embed.",
-    "head.layers.": "vl_transformer.encoder.layers.",
-    "head.box_mlp.layers.": "bbox_embed.layers.",
+    **release.FUSION_PREFIXES,
 }
 _LOCA = r"^(visumodel\.blocks\.\d+\.adapter\.)"
 _DYPA = r"^(textmodel\.bert\.encoder\.layer\.\d+\.)adapter\."

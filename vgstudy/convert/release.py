@@ -11,6 +11,16 @@ import torch
 from vgstudy.checkpoint import safe_torch_load
 from vgstudy.errors import CheckpointError
 
+# The projections and head MaPPER's release kept from TransVG's: vgstudy key prefix -> release key prefix.
+FUSION_PREFIXES = {
+    "visual_proj.": "visu_proj.",
+    "text_proj.": "text_proj.",
+    "head.reg_token.": "reg_token.",
+    "head.pos_embed.": "vl_pos_embed.",
+    "head.layers.": "vl_transformer.encoder.layers.",
+    "head.box_mlp.layers.": "bbox_embed.layers.",
+}
+
 
 def read_release_checkpoint(path: str | Path, method: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(the "model" state dict, the training arguments as a dict ({} when absent)) of `method`'s release checkpoint.

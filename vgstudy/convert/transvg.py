@@ -40,12 +40,7 @@ PREFIXES = {
     "visual.input_proj.": "visumodel.input_proj.",
     "visual.blocks.": "visumodel.transformer.encoder.layers.",
     "text.": "textmodel.bert.",
-    "visual_proj.": "visu_proj.",
-    "text_proj.": "text_proj.",
-    "head.reg_token.": "reg_token.",
-    "head.pos_embed.": "vl_pos_embed.",
-    "head.layers.": "vl_transformer.encoder.layers.",
-    "head.box_mlp.layers.": "bbox_embed.layers.",
+    **release.FUSION_PREFIXES,
 }
 # transformers' BertModel keeps these as non-persistent buffers; pytorch_pretrained_bert has none. Older
 # transformers saved them: derivable (arange, zeros), not weights.
