@@ -249,8 +249,7 @@ class TransVGSize:
             "--bert_enc_num", str(self.bert_depth), "--detr_enc_num", str(self.detr_depth),
             "--enc_layers", str(self.detr_depth), "--hidden_dim", str(self.detr_width),
             "--nheads", str(self.detr_heads), "--dim_feedforward", str(self.detr_ffn),
-            "--vl_hidden_dim", str(self.fusion_width), "--vl_enc_layers", str(self.fusion_depth),
-            "--vl_nheads", str(self.fusion_heads), "--vl_dim_feedforward", str(self.fusion_ffn),
+            *fusion_arguments(self),
         ]  # fmt: skip
 
     def bert_config(self) -> dict:
@@ -272,6 +271,14 @@ class TransVGSize:
             "heads": self.detr_heads,
             "ffn_dim": self.detr_ffn,
         }
+
+
+def fusion_arguments(size: TransVGSize | MaPPERSize) -> list[str]:
+    """The visual-linguistic transformer's arguments, which TransVG's and MaPPER's train.py both read."""
+    return [
+        "--vl_hidden_dim", str(size.fusion_width), "--vl_enc_layers", str(size.fusion_depth),
+        "--vl_nheads", str(size.fusion_heads), "--vl_dim_feedforward", str(size.fusion_ffn),
+    ]  # fmt: skip
 
 
 TRANSVG_SIZES = {
@@ -316,8 +323,7 @@ class MaPPERSize:
         return [
             "--device", "cpu", "--dataset", "unc", "--imsize", str(self.image_size),
             "--max_query_len", str(self.text_len), "--bert_model", "bert-base-uncased", "--bert_enc_num", "12",
-            "--vl_hidden_dim", str(self.fusion_width), "--vl_enc_layers", str(self.fusion_depth),
-            "--vl_nheads", str(self.fusion_heads), "--vl_dim_feedforward", str(self.fusion_ffn),
+            *fusion_arguments(self),
         ]  # fmt: skip
 
 

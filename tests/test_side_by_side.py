@@ -49,13 +49,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def fake_checkout(folder: Path, method: str) -> Path:
+    """`folder` holding the files a checkout of `method`'s release must have (empty: only the argument checks look
+    at them)."""
+    for name in sbs.METHODS[method].release_files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("")
+    return folder
+
+
 @pytest.fixture
 def fake_release(tmp_path):
-    """A folder with the files a HiVG checkout must have (empty: only the argument checks look at it)."""
-    for name in ("models/HiVG.py", "hivg_train.py", "utils/misc.py"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("")
-    return tmp_path
+    return fake_checkout(tmp_path, "hivg")
 
 
 # --- Arguments -------------------------------------------------------------------------------------------------------
@@ -246,11 +251,7 @@ TRANSVG_MICRO = sbs.TransVGSize("micro", image_size=64, detr_width=32, detr_dept
 
 @pytest.fixture
 def fake_transvg_release(tmp_path):
-    """A folder with the files a TransVG checkout must have (empty: only the argument checks look at it)."""
-    for name in TRANSVG.release_files:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("")
-    return tmp_path
+    return fake_checkout(tmp_path, "transvg")
 
 
 def test_transvgs_release_comes_from_its_own_variable_and_its_paper_size_is_the_default(
@@ -342,11 +343,7 @@ MAPPER = sbs.METHODS["mapper"]
 
 @pytest.fixture
 def fake_mapper_release(tmp_path):
-    """A folder with the files a MaPPER checkout must have (empty: only the argument checks look at it)."""
-    for name in MAPPER.release_files:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("")
-    return tmp_path
+    return fake_checkout(tmp_path, "mapper")
 
 
 def test_mappers_release_comes_from_its_own_variable_and_b_is_the_default(fake_mapper_release, monkeypatch):

@@ -208,16 +208,8 @@ def release_overrides(args: argparse.Namespace | None) -> dict:
     overrides: dict = {"fidelity": "release"}
     if args is None:
         return overrides
-    fields = {
-        "max_query_len": "max_len",
-        "imsize": "image_size",
-        "vl_hidden_dim": "dim",
-        "vl_enc_layers": "depth",
-        "vl_nheads": "heads",
-        "vl_dim_feedforward": "ffn_dim",
-        "vl_dropout": "dropout",
-    }
-    overrides.update({ours: getattr(args, theirs) for theirs, ours in fields.items() if hasattr(args, theirs)})
+    fields = release.FUSION_ARGS.items()
+    overrides.update({ours: getattr(args, theirs) for theirs, ours in fields if hasattr(args, theirs)})
     if overrides.get("max_len", RELEASE_PRIOR_MASK_LEN) != RELEASE_PRIOR_MASK_LEN:
         overrides["fixed_prior_mask"] = False
     return overrides

@@ -20,6 +20,16 @@ FUSION_PREFIXES = {
     "head.layers.": "vl_transformer.encoder.layers.",
     "head.box_mlp.layers.": "bbox_embed.layers.",
 }
+# The training arguments both releases read for the text length, the input size and the fusion -> the build override.
+FUSION_ARGS = {
+    "max_query_len": "max_len",
+    "imsize": "image_size",
+    "vl_hidden_dim": "dim",
+    "vl_enc_layers": "depth",
+    "vl_nheads": "heads",
+    "vl_dim_feedforward": "ffn_dim",
+    "vl_dropout": "dropout",
+}
 
 
 def read_release_checkpoint(path: str | Path, method: str) -> tuple[dict[str, torch.Tensor], dict]:

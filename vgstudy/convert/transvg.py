@@ -123,16 +123,7 @@ def read_release_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     return release.read_release_checkpoint(path, "TransVG")
 
 
-# The release's argument -> (TransVG field, ResNetDETRConfig field): what a release run sets (train.py defaults).
-_FUSION_ARGS = {
-    "max_query_len": "max_len",
-    "imsize": "image_size",
-    "vl_hidden_dim": "dim",
-    "vl_enc_layers": "depth",
-    "vl_nheads": "heads",
-    "vl_dim_feedforward": "ffn_dim",
-    "vl_dropout": "dropout",
-}
+# The release's DETR-encoder arguments -> ResNetDETRConfig fields (the fusion's: release.FUSION_ARGS).
 _DETR_ARGS = {
     "hidden_dim": "width",
     "enc_layers": "depth",
@@ -162,7 +153,7 @@ def release_overrides(args: Mapping) -> dict:
         if args.get(name, value) != value:
             raise ConfigError(f"release args {name}={args[name]!r}: expected {value!r} ({why})")
     overrides: dict = {"visual": f"{backbone}+detr", "text": "bert:base"}
-    overrides.update({ours: args[theirs] for theirs, ours in _FUSION_ARGS.items() if theirs in args})
+    overrides.update({ours: args[theirs] for theirs, ours in release.FUSION_ARGS.items() if theirs in args})
     detr = {ours: args[theirs] for theirs, ours in _DETR_ARGS.items() if theirs in args}
     if detr:
         overrides["visual_options"] = detr
