@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from vgstudy.compare import difference as compare_difference
 from vgstudy.compare import estimate
 from vgstudy.data.transforms import collate
 from vgstudy.errors import ConfigError
@@ -189,8 +190,7 @@ def difference(a: Sequence[float], b: Sequence[float], n: int) -> Difference:
     """a, b: accuracies (%) of two configurations, one per seed, each measured on n samples."""
     if not a or not b or n < 1:
         raise ConfigError(f"difference: expected values on both sides and n >= 1, got {len(a)}, {len(b)}, n={n}")
-    margin = 2 * math.hypot(standard_error(a, n), standard_error(b, n))
-    return Difference(statistics.fmean(a) - statistics.fmean(b), margin)
+    return Difference(*compare_difference(estimate(a, n), estimate(b, n)))
 
 
 # --- The modality gap -----------------------------------------------------------------------------------------------

@@ -138,7 +138,6 @@ class EpmVGRCriterion:
         self.weights = {name: float(value) for name, value in weights.items() if value}
         self.warmup_steps = warmup_steps
         self.temperature = model.teacher.temperature() if temperature is None else float(temperature)
-        self.cache = cache
         self.box_criterion = BoxCriterion()  # TransVG's L1 + GIoU, weights 1 and 1
         self.memo = BackboneMemo() if cache else None
 
